@@ -1,0 +1,1 @@
+"""Entry points for scheduled runs: ``python -m jobs.<name>`` or ``vaepipe <name>``."""

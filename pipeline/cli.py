@@ -1,0 +1,39 @@
+"""The ``vaepipe`` console script: one subcommand per job module in ``jobs/``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "infer-spec": ("jobs.infer_spec", "print a feature spec inferred from Parquet data"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: vaepipe COMMAND [options]   (vaepipe COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        import pipeline
+
+        print(f"vaepipe {pipeline.__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"vaepipe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What every likelihood family provides, and the small numeric helpers they share.
+
+A family is one feature's whole story, fitted once on training data and stored with the model:
+
+* **statistics** -- ``partial_stats(column)`` summarises one batch, ``merge_stats`` combines two
+  summaries (so a distributed, streaming pass can fit them), ``from_stats`` turns the total into a
+  fitted family;
+* **codec** -- ``encode(column)`` turns an Arrow column into a float64 value per row, whether the
+  value is observed, and why a row cannot be scored (or None);
+* **encoder view** -- ``encoder_input(value)``: what the encoder network sees (standardised, bounded);
+* **likelihood** -- ``log_prob(raw, value)``: the exact log-density (or log-mass) of the value under
+  the distribution whose parameters the decoder head emitted as ``raw``, in the column's own units.
+
+``log_prob`` works in float64 and is finite for every value that ``encode`` accepts, however extreme.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+# The encoder sees standardised values clipped here: a value 1e6 standard deviations out must not
+# overflow the encoder's activations. The likelihood always sees the exact value.
+ENCODER_CLIP = 10.0
+
+
+@dataclass
+class EncodedColumn:
+    """One column of a batch, as the model sees it."""
+
+    value: np.ndarray  # float64 [N]; a valid filler where the value is missing or invalid
+    observed: np.ndarray  # bool [N]
+    invalid: np.ndarray | None = None  # object [N]: reason string where the row cannot be scored
+
+
+class Family(ABC):
+    """A likelihood family bound to one feature and its fitted statistics."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str):
+        self.name = name
+
+    # ---- shape ----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def n_params(self) -> int:
+        """Width of the decoder head: raw parameters per record."""
+
+    @property
+    def enc_width(self) -> int:
+        return 1
+
+    # ---- statistics -----------------------------------------------------------------------------
+    @staticmethod
+    @abstractmethod
+    def partial_stats(column: pa.ChunkedArray | pa.Array) -> dict[str, Any]: ...
+
+    @staticmethod
+    @abstractmethod
+    def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def from_stats(cls, name: str, stats: dict[str, Any], **options: Any) -> Family: ...
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable fitted state; ``cls(name, **state)`` rebuilds the family."""
+
+    # ---- codec ----------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, column: pa.ChunkedArray | pa.Array) -> EncodedColumn: ...
+
+    @abstractmethod
+    def encoder_input(self, value: torch.Tensor) -> torch.Tensor:
+        """[N] float64 -> [N, enc_width] float32, bounded."""
+
+    # ---- likelihood -----------------------------------------------------------------------------
+    @abstractmethod
+    def log_prob(self, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """raw [..., N, n_params] (any float), value [N] float64 -> log p [..., N] float64."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.state()})"
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+def as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column
+
+
+def to_float64(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Numeric Arrow column -> float64 numpy, nulls as NaN."""
+    arr = as_array(column)
+    if not pa.types.is_float64(arr.type):
+        arr = pc.cast(arr, pa.float64())
+    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def to_labels(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Any label column (ints, strings, bools, floats) -> string labels, nulls kept."""
+    arr = as_array(column)
+    if pa.types.is_floating(arr.type):
+        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    return arr
+
+
+def moments_partial(x: np.ndarray) -> dict[str, float]:
+    """(n, mean, M2) of the finite values of x, for Chan's parallel merge."""
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return {"n": 0, "mean": 0.0, "m2": 0.0}
+    mean = float(x.mean())
+    return {"n": n, "mean": mean, "m2": float(((x - mean) ** 2).sum())}
+
+
+def moments_merge(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    n = a["n"] + b["n"]
+    if n == 0:
+        return {"n": 0, "mean": 0.0, "m2": 0.0}
+    delta = b["mean"] - a["mean"]
+    mean = a["mean"] + delta * b["n"] / n
+    m2 = a["m2"] + b["m2"] + delta * delta * a["n"] * b["n"] / n
+    return {"n": n, "mean": mean, "m2": m2}
+
+
+def loc_scale(m: dict[str, float]) -> tuple[float, float]:
+    """Location and scale from merged moments; a constant column gets scale 1."""
+    if m["n"] == 0:
+        return 0.0, 1.0
+    var = m["m2"] / max(m["n"] - 1, 1)
+    scale = math.sqrt(var) if var > 0 else 1.0
+    return float(m["mean"]), float(scale)
+
+
+def counts_merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def label_counts(labels: pa.Array) -> dict[str, int]:
+    vc = pc.value_counts(pc.drop_null(labels))
+    return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)}
+
+
+def bounded_log_var(raw: torch.Tensor, min_var: float, max_log_var: float = 10.0) -> torch.Tensor:
+    """log(min_var + exp(raw)) with raw clamped: a smooth floor on the variance, finite above."""
+    return torch.logaddexp(raw.clamp(-30.0, max_log_var), torch.full_like(raw, math.log(min_var)))
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, exp(log_var)) = -1/2 [log(2 pi sigma^2) + (x - mean)^2 / sigma^2]."""
+    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def index_labels(labels: pa.Array, vocab: list[str]) -> np.ndarray:
+    """Position of each label in vocab; -1 where unknown, -2 where null."""
+    idx = pc.index_in(labels, value_set=pa.array(vocab, pa.string()))
+    out = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    out[labels.is_null().to_numpy(zero_copy_only=False)] = -2
+    return out

@@ -1,0 +1,66 @@
+"""binary: a Bernoulli on a logit from the decoder. The two labels are fitted from training data;
+the lower (by sort order of their text) is 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import InputDataError
+from pipeline.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
+
+LOGIT_BOUND = 20.0
+
+
+class Binary(Family):
+    kind = "binary"
+
+    def __init__(self, name: str, labels: list[str]):
+        super().__init__(name)
+        self.labels = [str(v) for v in labels]
+
+    n_params = 1
+
+    @staticmethod
+    def partial_stats(column) -> dict[str, Any]:
+        return {"counts": label_counts(to_labels(column))}
+
+    @staticmethod
+    def merge_stats(a, b):
+        return {"counts": counts_merge(a["counts"], b["counts"])}
+
+    @classmethod
+    def from_stats(cls, name, stats, **options):
+        labels = sorted(stats["counts"])
+        if len(labels) > 2:
+            raise InputDataError(
+                f"a binary feature has {len(labels)} distinct values ({', '.join(labels[:5])}...)", column=name
+            )
+        if len(labels) == 0:
+            raise InputDataError("no observed values to fit", column=name)
+        return cls(name, labels)
+
+    def state(self):
+        return {"labels": self.labels}
+
+    def encode(self, column) -> EncodedColumn:
+        idx = index_labels(to_labels(column), self.labels)
+        observed = idx != -2
+        bad = idx == -1
+        invalid = np.where(bad, "unknown label for a binary column", None) if bad.any() else None
+        ok = observed & ~bad
+        return EncodedColumn(np.where(ok, idx, 0).astype(np.float64), ok, invalid)
+
+    def encoder_input(self, value):
+        return (2.0 * value - 1.0).unsqueeze(-1).float()
+
+    def params(self, raw: torch.Tensor) -> torch.Tensor:
+        """Logit of P(value = labels[1])."""
+        return raw.double()[..., 0].clamp(-LOGIT_BOUND, LOGIT_BOUND)
+
+    def log_prob(self, raw, value):
+        logit = self.params(raw)
+        return -F.softplus(torch.where(value > 0.5, -logit, logit))

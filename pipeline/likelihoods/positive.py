@@ -1,0 +1,121 @@
+"""positive: log-normal for x > 0, with a point mass at 0 learned from z where zeros occur.
+
+The density is with respect to counting measure at 0 plus Lebesgue measure on (0, inf):
+
+    p(0)   = pi
+    p(x)   = (1 - pi) * LogNormal(x),   x > 0
+
+With v = (log x - loc) / scale the decoder emits N(v; mu, sigma^2) and a zero logit; the change of
+variables x -> log x -> v gives log p(x) = log(1 - pi) + log N(v; mu, sigma^2) - log(scale) - log(x).
+Where the training column had no zeros, pi is fixed at ``ZERO_FLOOR``: a zero at scoring time gets a
+very low, finite log-mass instead of -inf, and the density above 0 is scaled by (1 - ZERO_FLOOR) so
+the whole still integrates to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.likelihoods.base import (
+    ENCODER_CLIP,
+    EncodedColumn,
+    Family,
+    bounded_log_var,
+    gaussian_log_prob,
+    loc_scale,
+    moments_merge,
+    moments_partial,
+    to_float64,
+)
+from pipeline.likelihoods.real import MIN_VAR
+
+ZERO_FLOOR = 1e-12
+LOGIT_BOUND = 20.0
+
+
+class Positive(Family):
+    kind = "positive"
+
+    def __init__(self, name: str, loc: float, scale: float, zero_fraction: float, min_var: float = MIN_VAR):
+        super().__init__(name)
+        self.loc, self.scale = float(loc), float(scale)
+        self.zero_fraction, self.min_var = float(zero_fraction), float(min_var)
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.zero_fraction > 0
+
+    @property
+    def n_params(self):
+        return 3 if self.has_zeros else 2  # mean, log-variance of v; zero logit
+
+    @property
+    def enc_width(self):
+        return 2 if self.has_zeros else 1
+
+    @staticmethod
+    def partial_stats(column) -> dict[str, Any]:
+        x = to_float64(column)
+        x = x[np.isfinite(x)]
+        pos = x[x > 0]
+        return {"log": moments_partial(np.log(pos)), "zeros": int((x == 0).sum()), "negative": int((x < 0).sum())}
+
+    @staticmethod
+    def merge_stats(a, b):
+        return {
+            "log": moments_merge(a["log"], b["log"]),
+            "zeros": a["zeros"] + b["zeros"],
+            "negative": a["negative"] + b["negative"],
+        }
+
+    @classmethod
+    def from_stats(cls, name, stats, **options):
+        loc, scale = loc_scale(stats["log"])
+        n = stats["log"]["n"] + stats["zeros"]
+        return cls(name, loc, scale, stats["zeros"] / n if n else 0.0, **options)
+
+    def state(self):
+        return {"loc": self.loc, "scale": self.scale, "zero_fraction": self.zero_fraction, "min_var": self.min_var}
+
+    def encode(self, column) -> EncodedColumn:
+        x = to_float64(column)
+        observed = ~np.isnan(x)
+        invalid = np.full(x.shape, None, dtype=object)
+        invalid[np.isinf(x)] = "infinite value"
+        invalid[observed & (x < 0)] = "negative value in a positive column"
+        bad = invalid != None  # noqa: E711 -- elementwise
+        ok = observed & ~bad
+        value = np.where(ok, x, math.exp(self.loc))
+        return EncodedColumn(value, ok, invalid if bad.any() else None)
+
+    def encoder_input(self, value):
+        is_zero = value == 0
+        v = (torch.log(torch.where(is_zero, torch.ones_like(value), value)) - self.loc) / self.scale
+        v = torch.where(is_zero, torch.zeros_like(v), v).clamp(-ENCODER_CLIP, ENCODER_CLIP)
+        cols = [v, is_zero.double()] if self.has_zeros else [v]
+        return torch.stack(cols, -1).float()
+
+    def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of v = (log x - loc) / scale, and the logit of P(x = 0)."""
+        raw = raw.double()
+        mean, log_var = raw[..., 0].clamp(-1e4, 1e4), bounded_log_var(raw[..., 1], self.min_var)
+        if self.has_zeros:
+            logit = raw[..., 2].clamp(-LOGIT_BOUND, LOGIT_BOUND)
+        else:
+            logit = torch.full_like(mean, math.log(ZERO_FLOOR) - math.log1p(-ZERO_FLOOR))
+        return mean, log_var, logit
+
+    def log_prob(self, raw, value):
+        mean, log_var, logit = self.params(raw)
+        is_zero = value == 0
+        safe = torch.where(is_zero, torch.ones_like(value), value)
+        log_x = torch.log(safe)
+        v = (log_x - self.loc) / self.scale
+        log_pos = -F.softplus(logit) + gaussian_log_prob(v, mean, log_var) - math.log(self.scale) - log_x
+        log_zero = -F.softplus(-logit)
+        return torch.where(is_zero, log_zero, log_pos)

@@ -1,0 +1,77 @@
+"""real: a Gaussian with a per-record mean and variance (heteroscedastic).
+
+The decoder works on the standardised value u = (x - loc) / scale; the density of x is
+N(u; mu, sigma^2) / scale, so log p(x) = log N(u; mu, sigma^2) - log(scale): exact, in x's units.
+The variance is floored (``min_var``, standardised units) so repeated values cannot drive the
+density to infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.likelihoods.base import (
+    ENCODER_CLIP,
+    EncodedColumn,
+    Family,
+    bounded_log_var,
+    gaussian_log_prob,
+    loc_scale,
+    moments_merge,
+    moments_partial,
+    to_float64,
+)
+
+MIN_VAR = 1e-4  # sigma >= 1% of the column's standard deviation
+
+
+class Real(Family):
+    kind = "real"
+
+    def __init__(self, name: str, loc: float, scale: float, min_var: float = MIN_VAR):
+        super().__init__(name)
+        self.loc, self.scale, self.min_var = float(loc), float(scale), float(min_var)
+
+    n_params = 2  # mean, log-variance of u
+
+    @staticmethod
+    def partial_stats(column) -> dict[str, Any]:
+        return moments_partial(to_float64(column))
+
+    @staticmethod
+    def merge_stats(a, b):
+        return moments_merge(a, b)
+
+    @classmethod
+    def from_stats(cls, name, stats, **options):
+        loc, scale = loc_scale(stats)
+        return cls(name, loc, scale, **options)
+
+    def state(self):
+        return {"loc": self.loc, "scale": self.scale, "min_var": self.min_var}
+
+    def encode(self, column) -> EncodedColumn:
+        x = to_float64(column)
+        observed = ~np.isnan(x)
+        invalid = np.where(np.isinf(x), "infinite value", None)
+        bad = observed & (invalid != None)  # noqa: E711 -- elementwise
+        value = np.where(observed & ~bad, x, self.loc)
+        return EncodedColumn(value, observed & ~bad, invalid if bad.any() else None)
+
+    def encoder_input(self, value):
+        u = (value - self.loc) / self.scale
+        return u.clamp(-ENCODER_CLIP, ENCODER_CLIP).unsqueeze(-1).float()
+
+    def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of u = (x - loc) / scale."""
+        raw = raw.double()
+        return raw[..., 0].clamp(-1e4, 1e4), bounded_log_var(raw[..., 1], self.min_var)
+
+    def log_prob(self, raw, value):
+        mean, log_var = self.params(raw)
+        u = (value - self.loc) / self.scale
+        return gaussian_log_prob(u, mean, log_var) - math.log(self.scale)

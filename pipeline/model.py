@@ -1,0 +1,125 @@
+"""The VAE, read top to bottom: config, then the three phases.
+
+* ``inference(values, observed)``: encoded features and the missing-value mask -> q(z|x), a diagonal
+  Gaussian (mean, log-variance bounded so it cannot overflow);
+* ``generative(z)``: z -> raw parameters of p(x|z), one head per feature (a fused linear layer whose
+  output is split per feature; each family turns its slice into its distribution's parameters);
+* ``loss(batch)``: the negative ELBO with a single reparameterised sample, for training.
+
+Prior p(z) = N(0, I). Missing values are zeroed in the encoder input, flagged in the mask, and
+excluded from log p(x|z); they are never imputed into a score.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.likelihoods import Family
+from pipeline.likelihoods.base import LOG_2PI
+from pipeline.preprocess import EncodedBatch
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 8  # dimension of z
+    hidden: tuple[int, ...] = (128, 128)  # MLP widths; the decoder mirrors the encoder
+    min_log_var: float = -12.0  # bounds on the encoder's log-variance: q(z|x) never degenerates
+    max_log_var: float = 6.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: mean over records of -(recon - kl_weight * kl)
+    recon: torch.Tensor  # [N] log p(x|z) at one sample, observed features
+    kl: torch.Tensor  # [N]
+    column_log_prob: torch.Tensor  # [N, F], 0 where missing
+    extra: dict = field(default_factory=dict)
+
+
+class VAE(nn.Module):
+    def __init__(self, families: list[Family], config: VAEConfig | None = None):
+        super().__init__()
+        self.families = families
+        self.config = config = config or VAEConfig()
+        enc_in = sum(f.enc_width for f in families) + len(families)
+        h = list(config.hidden)
+        self.encoder = _mlp([enc_in, *h])
+        self.q_head = nn.Linear(h[-1], 2 * config.latent_dim)
+        self.decoder = _mlp([config.latent_dim, *reversed(h)])
+        self.heads = nn.Linear(h[0], sum(f.n_params for f in families))
+        self._splits = [f.n_params for f in families]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    # ---- inference: x -> q(z|x) -------------------------------------------------------------------
+    def encoder_input(self, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for j, fam in enumerate(self.families):
+            parts.append(fam.encoder_input(values[:, j]) * observed[:, j : j + 1])
+        parts.append(observed.float())
+        return torch.cat(parts, dim=-1)
+
+    def inference(self, values: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mean, log-variance) of q(z|x), each [N, D]."""
+        x = self.encoder_input(values, observed).to(self.q_head.weight.dtype)
+        out = self.q_head(self.encoder(x))
+        mean, log_var = out.chunk(2, dim=-1)
+        return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
+
+    # ---- generative: z -> p(x|z) ----------------------------------------------------------------
+    def generative(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """z [..., N, D] -> one raw parameter tensor [..., N, n_params] per feature."""
+        return list(self.heads(self.decoder(z)).split(self._splits, dim=-1))
+
+    def column_log_prob(self, raw: list[torch.Tensor], values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """log p(x_j | z) for every feature, float64 [..., N, F], 0 where x_j is missing."""
+        cols = [fam.log_prob(r, values[:, j]) for j, (fam, r) in enumerate(zip(self.families, raw, strict=True))]
+        logp = torch.stack(cols, dim=-1)
+        return torch.where(observed, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def loss(self, batch: EncodedBatch, kl_weight: float = 1.0) -> LossOutput:
+        mean, log_var = self.inference(batch.values, batch.observed)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        col = self.column_log_prob(self.generative(z), batch.values, batch.observed)
+        recon = col.sum(-1)
+        kl = kl_standard_normal(mean, log_var)
+        loss = -(recon - kl_weight * kl).mean()
+        return LossOutput(loss, recon.detach(), kl.detach(), col.detach())
+
+
+def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, I)), closed form, summed over the latent dims, float64."""
+    mean, log_var = mean.double(), log_var.double()
+    return 0.5 * (mean.pow(2) + torch.exp(log_var) - 1.0 - log_var).sum(-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dim, float64."""
+    z = z.double()
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+

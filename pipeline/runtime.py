@@ -1,0 +1,126 @@
+"""What every job entry point shares: YAML config + flags, exit codes, logging, joining Ray.
+
+A job module defines ``build_parser()`` and ``run(args) -> int`` and ends with
+``main = job_main(build_parser, run)``. Any option may come from ``--config job.yaml`` (keys are the
+long option names, with dashes or underscores); flags on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UsageError, VaepipeError
+
+log = logging.getLogger("vaepipe")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 too; keep its message, prefix the prog
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags override it")
+    return p
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray instance)",
+    )
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_config_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    from pipeline import storage
+
+    try:
+        raw = yaml.safe_load(storage.read_text(path)) or {}
+    except FileNotFoundError as e:
+        raise UsageError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a config file is a mapping of option: value")
+    dests = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest in ("help", "config"):
+            raise UsageError(f"{path}: unknown option {key!r}")
+        out[dest] = value
+    # a positional argument given in the file is no longer required on the command line
+    for a in parser._actions:
+        if a.dest in out and not a.option_strings:
+            a.nargs = "?"
+    return out
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=os.environ.get("VAEPIPE_LOG_LEVEL", level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def job_main(
+    build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int | None]
+) -> Callable[[Sequence[str] | None], int]:
+    """Wrap a job: parse (config + flags), run, map errors to the contract's exit codes."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        setup_logging()
+        try:
+            args = parse_args(build_parser(), argv)
+            if getattr(args, "s3_endpoint", None):
+                from pipeline import storage
+
+                storage.configure(args.s3_endpoint)
+            return int(run(args) or 0)
+        except VaepipeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return main
+
+
+def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
+    """Join RAY_ADDRESS / --ray-address when given, else start (or reuse) a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        log.info("starting a local Ray instance")
+        ray.init(runtime_env=runtime_env, include_dashboard=False, **local_kwargs)

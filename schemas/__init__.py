@@ -1,0 +1,1 @@
+"""Feature spec and output table schemas: the product's data contracts."""

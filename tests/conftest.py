@@ -1,0 +1,85 @@
+"""Shared fixtures: real components only.
+
+* ``ray_local``: one local Ray instance for the whole session (ray.init costs seconds). It declares
+  more logical CPUs than the machine has, so 2 Ray Train workers and Ray Data tasks fit beside them.
+* ``s3``: moto's S3 server on loopback (as s3fs's own tests use), with a bucket; started before Ray
+  so every Ray worker inherits its endpoint and the test credentials.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from schemas.feature_spec import FeatureSpec
+
+DATA = Path(__file__).parent / "data"
+HIVAE_TYPES = {"pos": "positive", "count": "count", "cat": "categorical", "real": "real", "ordinal": "ordinal"}
+
+
+def dataset_spec(name: str) -> FeatureSpec:
+    """The spec of a test dataset from its authors' types.csv (2-class 'cat' columns are binary)."""
+    features = {}
+    with open(DATA / name / "types.csv") as f:
+        for row in csv.DictReader(f):
+            kind = HIVAE_TYPES[row["hivae_type"]]
+            if kind == "categorical" and row["nclass"] == "2":
+                kind = "binary"
+            features[row["column"]] = kind
+    return FeatureSpec.from_dict({"id_columns": ["record_id"], "features": features})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server on 127.0.0.1 with bucket 'vaepipe-test'; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1").create_dir("vaepipe-test")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One local Ray instance per test session, started after the S3 server so workers see it."""
+    import ray
+
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {k: os.environ[k] for k in _S3_ENV}},
+    )
+    yield ray
+    ray.shutdown()
