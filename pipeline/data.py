@@ -1,0 +1,100 @@
+"""Input data: pre-flight checks of every shard, then a Ray Dataset over exactly the spec's columns.
+
+Pre-flight reads only Parquet footers: it finds a missing column, an incompatible type, an empty,
+unreadable or truncated file before any work starts, and names the file and column
+(:class:`~pipeline.errors.InputDataError`, exit code 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import InputDataError
+from schemas.feature_spec import FeatureSpec
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # as the user would write it (s3://bucket/key or a local path)
+    path: str  # as the filesystem wants it
+    rows: int
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class InputData:
+    uri: str
+    files: list[InputFile]
+    schema: pa.Schema  # the spec's columns, as in the first file
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    def filesystem(self):
+        return storage.filesystem(self.uri)
+
+    def fingerprint(self) -> list[dict]:
+        return [{"file": f.uri, "rows": f.rows, "bytes": f.size} for f in self.files]
+
+
+def preflight(uri: str, spec: FeatureSpec, allow_empty_files: bool = False) -> InputData:
+    """Check every shard's footer against the spec. Raises InputDataError naming file and column."""
+    fs = storage.filesystem(uri)
+    files: list[InputFile] = []
+    schema = None
+    for path in storage.list_parquet(uri):
+        file_uri = storage.to_uri(uri, path)
+        try:
+            info = fs.get_file_info(path)
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+                file_schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # noqa: BLE001 -- whatever the reader says, name the file
+            raise InputDataError(f"unreadable Parquet file ({type(e).__name__}: {e})", file=file_uri) from e
+        spec.check_schema(file_schema, file_uri)
+        if meta.num_rows == 0 and not allow_empty_files:
+            raise InputDataError("empty Parquet file (0 rows)", file=file_uri)
+        if schema is None:
+            schema = pa.schema([file_schema.field(c) for c in spec.columns])
+        else:
+            for c in spec.id_columns:
+                if not _same_kind(file_schema.field(c).type, schema.field(c).type):
+                    raise InputDataError(
+                        f"id column type {file_schema.field(c).type} differs from {schema.field(c).type} "
+                        f"in {files[0].uri}",
+                        file=file_uri,
+                        column=c,
+                    )
+        files.append(InputFile(file_uri, path, meta.num_rows, info.size))
+    return InputData(uri, files, schema)
+
+
+def _same_kind(a: pa.DataType, b: pa.DataType) -> bool:
+    def kind(t):
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_integer(t):
+            return "int"
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "str"
+        return str(t)
+
+    return kind(a) == kind(b)
+
+
+def read_dataset(data: InputData, spec: FeatureSpec, **kwargs):
+    """A Ray Dataset over the checked files, reading only the spec's columns."""
+    import ray.data
+
+    return ray.data.read_parquet(
+        data.paths, filesystem=data.filesystem(), columns=spec.columns, **kwargs
+    )
