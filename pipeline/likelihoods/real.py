@@ -27,6 +27,10 @@ from pipeline.likelihoods.base import (
 )
 
 MIN_VAR = 1e-4  # sigma >= 1% of the column's standard deviation
+# |u| is capped at a million standard deviations so that neither u**2 nor the float32 gradients of the
+# decoder can overflow: the density is exact for every value within 1e6 column standard deviations of
+# the column mean; a value further out scores as if it were 1e6 out, a log-density below -5e11.
+U_MAX = 1e6
 
 
 class Real(Family):
@@ -73,5 +77,5 @@ class Real(Family):
 
     def log_prob(self, raw, value):
         mean, log_var = self.params(raw)
-        u = (value - self.loc) / self.scale
+        u = ((value - self.loc) / self.scale).clamp(-U_MAX, U_MAX)
         return gaussian_log_prob(u, mean, log_var) - math.log(self.scale)

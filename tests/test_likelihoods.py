@@ -1,0 +1,234 @@
+"""Every likelihood family against its scipy.stats twin: one table of fixtures, generic tests over it.
+
+Each row pairs a fitted family and raw decoder outputs with a function that builds the same
+distribution in scipy from the *interpreted* parameters, and values to evaluate. Adding a family
+means adding rows here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from scipy import integrate, special, stats
+
+from pipeline.likelihoods import Binary, Categorical, Count, Family, Ordinal, Positive, Real
+from pipeline.likelihoods.positive import ZERO_FLOOR
+
+
+@dataclass
+class Case:
+    id: str
+    family: Family
+    raw: list[float]  # one record's raw decoder output
+    values: list[float]  # encoded values (as EncodedColumn.value holds them)
+    twin: Callable[[Family, torch.Tensor, np.ndarray], np.ndarray]  # scipy log-density at values
+    support: str  # "continuous" (integrate over x), "mixed" (mass at 0 + density), "discrete"
+
+
+def _real_twin(fam, raw, x):
+    mean, log_var = (t.item() for t in fam.params(raw))
+    return stats.norm(loc=fam.loc + fam.scale * mean, scale=fam.scale * math.exp(0.5 * log_var)).logpdf(x)
+
+
+def _positive_twin(fam, raw, x):
+    mean, log_var, logit = (t.item() for t in fam.params(raw))
+    pi = special.expit(logit)
+    ln = stats.lognorm(s=fam.scale * math.exp(0.5 * log_var), scale=math.exp(fam.loc + fam.scale * mean))
+    with np.errstate(divide="ignore"):
+        return np.where(x == 0, np.log(pi), np.log1p(-pi) + ln.logpdf(np.where(x == 0, 1.0, x)))
+
+
+def _count_twin(fam, raw, k):
+    log_mu, log_r = (t.item() for t in fam.params(raw))
+    mu, r = math.exp(log_mu), math.exp(log_r)
+    return stats.nbinom(n=r, p=r / (r + mu)).logpmf(k)
+
+
+def _binary_twin(fam, raw, y):
+    return stats.bernoulli(special.expit(fam.params(raw).item())).logpmf(y)
+
+
+def _categorical_twin(fam, raw, k):
+    p = special.softmax(np.clip(raw.numpy().astype(np.float64), -20, 20))
+    m = stats.multinomial(1, p)
+    return np.array([m.logpmf(np.eye(len(p))[int(i)]) for i in k])
+
+
+def _ordinal_twin(fam, raw, k):
+    theta = fam.params(raw).numpy()
+    cdf = np.concatenate([[0.0], stats.logistic.cdf(theta), [1.0]])
+    return np.log(np.diff(cdf))[np.asarray(k, dtype=int)]
+
+
+REAL = Real("r", loc=3.0, scale=2.5)
+POS_ZEROS = Positive("p0", loc=1.2, scale=0.7, zero_fraction=0.6)
+POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)
+COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))
+BINARY = Binary("b", ["no", "yes"])
+CAT = Categorical("k", ["a", "b", "c", "d"])
+ORD = Ordinal("o", ["low", "mid", "high", "top"])
+
+CASES = [
+    Case("real-std", REAL, [0.0, 0.0], [-4.0, 0.0, 3.0, 7.5, 20.0], _real_twin, "continuous"),
+    Case("real-shifted-narrow", REAL, [1.3, -3.0], [5.0, 6.25, 7.0], _real_twin, "continuous"),
+    Case("real-wide", REAL, [-2.0, 2.5], [-30.0, 0.0, 40.0], _real_twin, "continuous"),
+    Case("real-var-floor", REAL, [0.2, -40.0], [3.5, 3.52, 3.6], _real_twin, "continuous"),
+    Case("positive-zeros", POS_ZEROS, [0.3, -0.5, 0.8], [0.0, 0.5, 3.3, 10.0, 250.0], _positive_twin, "mixed"),
+    Case("positive-zeros-rare", POS_ZEROS, [-1.0, 1.0, -6.0], [0.0, 0.01, 1.0, 7.0], _positive_twin, "mixed"),
+    Case("positive-nozeros", POS, [0.0, 0.0], [0.05, 0.6, 2.0, 9.0], _positive_twin, "mixed"),
+    Case("positive-nozeros-zero", POS, [0.5, -1.0], [0.0, 1e-6, 1.0], _positive_twin, "mixed"),
+    Case("count-mean4", COUNT, [0.0, 0.0], [0, 1, 4, 10, 40], _count_twin, "discrete"),
+    Case("count-overdispersed", COUNT, [1.5, -2.0], [0, 3, 50, 500], _count_twin, "discrete"),
+    Case("count-near-poisson", COUNT, [-1.0, 8.0], [0, 1, 2, 9], _count_twin, "discrete"),
+    Case("binary-p", BINARY, [0.7], [0, 1], _binary_twin, "discrete"),
+    Case("binary-extreme", BINARY, [-14.0], [0, 1], _binary_twin, "discrete"),
+    Case("categorical", CAT, [0.5, -1.0, 2.0, 0.0, -3.0], [0, 1, 2, 3, 4], _categorical_twin, "discrete"),
+    Case("categorical-peaked", CAT, [9.0, -9.0, 0.0, 1.0, -25.0], [0, 2, 4], _categorical_twin, "discrete"),
+    Case("ordinal", ORD, [-1.0, 0.3, 0.5], [0, 1, 2, 3], _ordinal_twin, "discrete"),
+    Case("ordinal-tight", ORD, [2.0, -6.0, -6.0], [0, 1, 2, 3], _ordinal_twin, "discrete"),
+    Case("ordinal-shifted", ORD, [-12.0, 3.0, 0.1], [0, 1, 2, 3], _ordinal_twin, "discrete"),
+]
+
+
+def _lp(case: Case, values) -> np.ndarray:
+    raw = torch.tensor(case.raw).expand(len(values), -1)
+    return case.family.log_prob(raw, torch.tensor(values, dtype=torch.float64)).numpy()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_log_prob_matches_scipy(case: Case):
+    ours = _lp(case, case.values)
+    ref = case.twin(case.family, torch.tensor(case.raw), np.asarray(case.values, dtype=np.float64))
+    assert ours.dtype == np.float64
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_normalised(case: Case):
+    """Total probability 1: sum over the support, or integrate the density (plus the zero mass)."""
+    fam = case.family
+    raw = torch.tensor(case.raw).unsqueeze(0)
+
+    def density(x: float) -> float:
+        return math.exp(fam.log_prob(raw, torch.tensor([x], dtype=torch.float64)).item())
+
+    if case.support == "discrete":
+        if isinstance(fam, Count):
+            k = np.arange(0, 20000, dtype=np.float64)
+        else:
+            k = np.arange(fam.n_params if isinstance(fam, Categorical) else len(getattr(fam, "levels", [0, 1])))
+        total = np.exp(_lp(case, k.tolist())).sum()
+    elif case.support == "continuous":
+        mean, log_var = (t.item() for t in fam.params(raw[0]))
+        c, s = fam.loc + fam.scale * mean, fam.scale * math.exp(0.5 * log_var)
+        total = integrate.quad(density, c - 40 * s, c + 40 * s, points=[c], limit=200)[0]
+    else:  # point mass at 0 plus a density on (0, inf), integrated over log x
+        mass0 = density(0.0)
+        total = mass0 + integrate.quad(lambda t: density(math.exp(t)) * math.exp(t), -60, 60, limit=400)[0]
+    assert total == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_broadcasts_over_samples(case: Case):
+    """raw [S, N, P] with values [N] -> [S, N]; each sample row equals the single-sample result."""
+    n = len(case.values)
+    raw = torch.tensor(case.raw).expand(3, n, -1)
+    out = case.family.log_prob(raw, torch.tensor(case.values, dtype=torch.float64))
+    assert out.shape == (3, n)
+    np.testing.assert_allclose(out[1].numpy(), _lp(case, case.values), rtol=1e-12)
+
+
+# ---- extremes: finite, very low, never NaN or inf -----------------------------------------------
+EXTREMES = [
+    (REAL, [1e6 * 2.5 + 3.0, -1e12, 1e300]),
+    (POS_ZEROS, [1e300, 1e-300, 5e-324]),
+    (POS, [0.0, 1e300, 1e-300]),  # a zero where training never had one
+    (COUNT, [1e9, 1e15]),
+    (CAT, [4.0]),  # out of vocabulary
+]
+
+
+@pytest.mark.parametrize("fam,values", EXTREMES, ids=lambda v: getattr(v, "name", None))
+@pytest.mark.parametrize("raw_scale", [0.0, 1e3, -1e3, 1e30])
+def test_extreme_values_are_finite_and_low(fam: Family, values, raw_scale):
+    raw = torch.full((len(values), fam.n_params), raw_scale, requires_grad=True)
+    lp = fam.log_prob(raw, torch.tensor(values, dtype=torch.float64))
+    assert torch.isfinite(lp).all(), lp
+    typical = fam.log_prob(torch.zeros(1, fam.n_params), torch.tensor([_typical(fam)], dtype=torch.float64))
+    # under a sane decoder output, extreme values score below a typical one (an unseen label is as likely
+    # as the decoder says: low only after training; a density near 0 in x's units can legitimately be high)
+    if raw_scale == 0.0 and not isinstance(fam, Categorical):
+        assert (lp < typical).all()
+    lp.sum().backward()
+    assert torch.isfinite(raw.grad).all()
+
+
+def _typical(fam: Family) -> float:
+    if isinstance(fam, Real):
+        return fam.loc
+    if isinstance(fam, Positive):
+        return math.exp(fam.loc)
+    if isinstance(fam, Count):
+        return 3.0
+    return 0.0
+
+
+def test_unseen_zero_gets_floor_mass():
+    lp = POS.log_prob(torch.zeros(1, 2), torch.tensor([0.0], dtype=torch.float64)).item()
+    assert lp == pytest.approx(math.log(ZERO_FLOOR), rel=1e-9)
+
+
+def test_real_variance_floor_bounds_density():
+    """On a repeated value the density cannot exceed the floor's: sigma >= sqrt(min_var) * scale."""
+    lp = REAL.log_prob(torch.tensor([[0.0, -1e4]]), torch.tensor([REAL.loc], dtype=torch.float64)).item()
+    bound = stats.norm(0, REAL.scale * math.sqrt(REAL.min_var)).logpdf(0.0)
+    assert lp <= bound + 1e-9
+    assert lp == pytest.approx(bound, abs=1e-3)
+
+
+# ---- codecs ---------------------------------------------------------------------------------------
+def test_codecs_flag_what_cannot_be_scored():
+    enc = POS_ZEROS.encode(pa.array([1.0, None, float("nan"), -2.0, float("inf"), 0.0]))
+    assert enc.observed.tolist() == [True, False, False, False, False, True]
+    assert enc.invalid.tolist() == [None, None, None, "negative value in a positive column", "infinite value", None]
+    enc = COUNT.encode(pa.array([0, 3, None]))
+    assert enc.invalid is None and enc.observed.tolist() == [True, True, False]
+    enc = COUNT.encode(pa.array([1.5, -1.0, 2.0]))
+    assert enc.invalid.tolist() == ["non-integer value in a count column", "negative value in a count column", None]
+    enc = CAT.encode(pa.array(["b", "zzz", None]))
+    assert enc.value.tolist()[:2] == [1.0, 4.0] and enc.observed.tolist() == [True, True, False]
+    assert enc.invalid is None  # unseen labels are scored with the out-of-vocabulary class
+    enc = ORD.encode(pa.array(["high", "nope"]))
+    assert enc.value[0] == 2.0 and enc.invalid.tolist() == [None, "value is not an ordinal level"]
+
+
+def test_ordinal_numeric_levels_match_by_value():
+    fam = Ordinal.from_stats("o", Ordinal.partial_stats(pa.array([3, 1, 2, 10, 2])))
+    assert fam.levels == ["1", "2", "3", "10"]  # numeric order, not text order
+    enc = fam.encode(pa.array([10.0, 2.0, 7.0]))
+    assert enc.value[:2].tolist() == [3.0, 1.0]
+    assert enc.invalid.tolist() == [None, None, "value is not an ordinal level"]
+
+
+def test_partial_stats_merge_equals_whole():
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random(1000) < 0.3, 0.0, rng.lognormal(1.0, 0.5, 1000))
+    whole = Positive.from_stats("p", Positive.partial_stats(pa.array(x)))
+    parts = [Positive.partial_stats(pa.array(c)) for c in np.array_split(x, 7)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = Positive.merge_stats(merged, p)
+    split = Positive.from_stats("p", merged)
+    for k, v in whole.state().items():
+        assert split.state()[k] == pytest.approx(v, rel=1e-12)
+    assert whole.zero_fraction == pytest.approx((x == 0).mean())
+    assert whole.loc == pytest.approx(np.log(x[x > 0]).mean())
+    assert whole.scale == pytest.approx(np.log(x[x > 0]).std(ddof=1))
+
+
