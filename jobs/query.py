@@ -94,7 +94,7 @@ def to_csv(table: pa.Table) -> str:
     import pyarrow.csv as pcsv
 
     cols = []
-    for name, col in zip(table.column_names, table.columns, strict=True):
+    for col in table.columns:
         if _nested(col.type):
             col = pa.array(
                 [None if v is None else json.dumps(_json_safe(v), allow_nan=False) for v in col.to_pylist()],

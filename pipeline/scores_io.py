@@ -36,7 +36,9 @@ def partitions(uri: str) -> list[str]:
         if entry.type != pafs.FileType.Directory or not name.startswith(f"{PARTITION}="):
             continue
         if loc.fs.get_file_info(posixpath.join(entry.path, SUCCESS)).type == pafs.FileType.NotFound:
-            log.warning("skipping %s: no %s (a run is writing it, or one failed)", storage.to_uri(uri, entry.path), SUCCESS)
+            log.warning(
+                "skipping %s: no %s (a run is writing it, or one failed)", storage.to_uri(uri, entry.path), SUCCESS
+            )
             continue
         dates.append(name.split("=", 1)[1])
     return sorted(dates)
@@ -67,7 +69,9 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
     if not files:
         raise InputDataError("published partitions hold no Parquet files", file=uri)
     partitioning = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
-    return ds.dataset(files, filesystem=loc.fs, format="parquet", partitioning=partitioning, partition_base_dir=loc.path)
+    return ds.dataset(
+        files, filesystem=loc.fs, format="parquet", partitioning=partitioning, partition_base_dir=loc.path
+    )
 
 
 def read_scores(uri: str, run_dates: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -122,9 +122,7 @@ def sample_records(rng: np.random.Generator, n: int, first_id: int = 0) -> dict[
     tier_cut = np.array([-0.8, 0.2, 1.1])
     plan_tier = 1 + (affluence[:, None] + 0.3 * rng.standard_normal(n)[:, None] > tier_cut).sum(1)
     sat_latent = 1.1 * engagement - 1.2 * refunded + rng.logistic(size=n) * 0.6
-    satisfaction = np.array(SATISFACTION, dtype=object)[
-        (sat_latent[:, None] > np.array([-1.8, -0.7, 0.5, 1.5])).sum(1)
-    ]
+    satisfaction = np.array(SATISFACTION, dtype=object)[(sat_latent[:, None] > np.array([-1.8, -0.7, 0.5, 1.5])).sum(1)]
 
     cols = {
         "record_id": np.arange(first_id, first_id + n, dtype=np.int64),

@@ -57,7 +57,9 @@ def scores_uri(tmp_path_factory):
     # a partition still being written (no _SUCCESS) and a quarantine folder: neither is scores
     write_partition(root, "2026-11-24", np.arange(30, 35), np.full(5, -1.0), success=False)
     os.makedirs(os.path.join(root, "_quarantine", "dt=2026-11-23"))
-    pq.write_table(pa.table({"record_id": [99], "reason": ["x"]}), os.path.join(root, "_quarantine/dt=2026-11-23/q.parquet"))
+    pq.write_table(
+        pa.table({"record_id": [99], "reason": ["x"]}), os.path.join(root, "_quarantine/dt=2026-11-23/q.parquet")
+    )
     return root
 
 
@@ -66,7 +68,9 @@ TOP3 = "SELECT record_id, dt, elbo, column_log_density.income AS income_ld FROM 
 
 @pytest.mark.parametrize("engine", ["duckdb", "polars"])
 def test_sql_sees_every_published_partition_and_nothing_else(scores_uri, engine):
-    t = query.run_sql(scores_uri, "SELECT dt, count(*) AS n, min(record_id) AS lo FROM scores GROUP BY dt ORDER BY dt", engine)
+    t = query.run_sql(
+        scores_uri, "SELECT dt, count(*) AS n, min(record_id) AS lo FROM scores GROUP BY dt ORDER BY dt", engine
+    )
     assert t.to_pylist() == [
         {"dt": "2026-11-22", "n": 10, "lo": 0},
         {"dt": "2026-11-23", "n": 20, "lo": 10},
@@ -96,7 +100,9 @@ def test_format_csv_with_nested_columns_as_json(scores_uri, tmp_path):
 
 
 def test_format_json_is_valid_json_with_nulls(scores_uri, capsys):
-    sql = "SELECT record_id, column_log_density.income AS income_ld, log_marginal FROM scores ORDER BY record_id LIMIT 5"
+    sql = (
+        "SELECT record_id, column_log_density.income AS income_ld, log_marginal FROM scores ORDER BY record_id LIMIT 5"
+    )
     assert query.main([scores_uri, sql, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["record_id"] for r in rows] == [0, 1, 2, 3, 4]
