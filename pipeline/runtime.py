@@ -70,10 +70,12 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         if dest not in dests or dest in ("help", "config"):
             raise UsageError(f"{path}: unknown option {key!r}")
         out[dest] = value
-    # a positional argument given in the file is no longer required on the command line
+    # an option or positional given in the file is no longer required on the command line
     for a in parser._actions:
-        if a.dest in out and not a.option_strings:
-            a.nargs = "?"
+        if a.dest in out:
+            a.required = False
+            if not a.option_strings:
+                a.nargs = "?"
     return out
 
 

@@ -164,19 +164,39 @@ def type_compatible(feature: Feature, t: pa.DataType) -> bool:
     return numeric or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
 
 
-def load_spec(path_or_text: str, filesystem=None) -> FeatureSpec:
-    """Load a spec from a YAML file (local or via a pyarrow/fsspec filesystem)."""
+def load_spec(uri: str) -> FeatureSpec:
+    """Load a spec from a YAML file, local or s3://."""
     from pipeline import storage
 
     try:
-        text = storage.read_text(path_or_text)
+        text = storage.read_text(uri)
     except FileNotFoundError as e:
-        raise UsageError(f"feature spec not found: {path_or_text}") from e
+        raise UsageError(f"feature spec not found: {uri}") from e
+    return parse_spec(text, source=uri)
+
+
+def parse_spec(text: str, source: str = "spec") -> FeatureSpec:
+    """Parse and validate spec YAML; duplicate keys are an error, not a silent overwrite."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise UsageError(f"{path_or_text}: not valid YAML: {e}") from e
-    return FeatureSpec.from_dict(raw, source=path_or_text)
+        raise UsageError(f"{source}: not valid YAML: {e}") from e
+    return FeatureSpec.from_dict(raw, source=source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (plain YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # ---- inference ----------------------------------------------------------------------------------
