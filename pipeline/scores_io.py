@@ -8,6 +8,7 @@ not scores and are skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 
@@ -22,6 +23,7 @@ log = logging.getLogger("vaepipe")
 
 PARTITION = "dt"
 SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"
 
 
 def partitions(uri: str) -> list[str]:
@@ -58,6 +60,10 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
     roots = [posixpath.join(loc.path, f"{PARTITION}={d}") for d in published]
     files = []
     for root in roots:
+        listed = _manifest_files(loc.fs, root)
+        if listed is not None:
+            files += listed
+            continue
         sel = pafs.FileSelector(root, recursive=True)
         files += sorted(
             i.path
@@ -72,6 +78,19 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
     return ds.dataset(
         files, filesystem=loc.fs, format="parquet", partitioning=partitioning, partition_base_dir=loc.path
     )
+
+
+def _manifest_files(fs: pafs.FileSystem, root: str) -> list[str] | None:
+    """The data files a partition's manifest names (as paths under `root`), or None without a list."""
+    try:
+        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    entries = manifest.get("output_files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
+        return None
+    return [posixpath.join(root, posixpath.basename(str(e["file"]))) for e in entries]
 
 
 def read_scores(uri: str, run_dates: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:

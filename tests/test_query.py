@@ -146,3 +146,15 @@ def test_query_on_s3(s3, scores_uri):
     pafs.copy_files(scores_uri, "vaepipe-test/query/scores", destination_filesystem=fs)
     t = query.run_sql("s3://vaepipe-test/query/scores", "SELECT count(*) AS n, min(elbo) AS lo FROM scores")
     assert t.to_pylist() == [{"n": 30, "lo": -39.0}]
+
+
+def test_manifest_file_list_wins_over_stray_files(tmp_path):
+    """A partition whose _manifest.json lists its output files is read from that list only (a stray
+    file from an interrupted S3 re-run is not scores)."""
+    root = str(tmp_path)
+    write_partition(root, "2026-11-23", np.arange(0, 10), -np.arange(10, 20, dtype=float), shards=2)
+    part = os.path.join(root, "dt=2026-11-23")
+    with open(os.path.join(part, "_manifest.json"), "w") as f:
+        json.dump({"output_files": [{"file": "/elsewhere/dt=2026-11-23/part-000.parquet", "rows": 5}]}, f)
+    t = query.run_sql(root, "SELECT count(*) AS n, max(record_id) AS hi FROM scores")
+    assert t.to_pylist() == [{"n": 5, "hi": 4}]
