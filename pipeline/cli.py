@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "infer-spec": ("jobs.infer_spec", "print a feature spec inferred from Parquet data"),
+    "train": ("jobs.train", "train the VAE with Ray Train; writes the model artifact"),
 }
 
 

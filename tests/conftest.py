@@ -57,7 +57,9 @@ def s3():
     )
     import pyarrow.fs as pafs
 
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1").create_dir("vaepipe-test")
+    pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True
+    ).create_dir("vaepipe-test")
     yield endpoint
     server.stop()
     for k, v in saved.items():
@@ -83,3 +85,20 @@ def ray_local(s3):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def adult_model(tmp_path_factory, ray_local):
+    """A small model trained on tests/data/adult by the train job (2 workers, 2 epochs); yields its model_dir."""
+    from jobs import train
+
+    root = tmp_path_factory.mktemp("adult_model")
+    spec_path = root / "adult.yaml"
+    spec_path.write_text(dataset_spec("adult").to_yaml())
+    model_dir = str(root / "model")
+    args = "--workers 2 --epochs 2 --kl-warmup-epochs 1 --latent-dim 4 --hidden 32 32 --batch-size 1024 --seed 0"
+    args += " --mc-samples 4 --iw-samples 16"
+    data = str(DATA / "adult" / "adult.parquet")
+    rc = train.main(["--data", data, "--spec", str(spec_path), "--model-dir", model_dir, *args.split()])
+    assert rc == 0, "the train job failed to build the adult_model fixture"
+    yield model_dir

@@ -1,0 +1,318 @@
+"""The Ray Train loop: what every data-parallel worker runs, and its checkpoints.
+
+Phases per worker (``train_loop_per_worker(config)``, config a plain dict from :class:`LoopConfig`):
+
+1. **setup** -- rebuild the fitted families and the VAE from the config, seed, set torch threads,
+   wrap the model for DDP (``ray.train.torch.prepare_model``: gloo on CPU, NCCL on GPU), AdamW;
+2. **resume** -- if Ray Train hands back a checkpoint (after a worker failure, or a re-run with
+   ``--resume``), restore weights, optimizer, best weights, early-stopping state and the epoch;
+3. **epochs** -- the shard of "train" (``get_dataset_shard``, Arrow batches, local shuffle) encoded
+   with :class:`~pipeline.preprocess.TableCodec`, one :func:`~pipeline.training.train_step` per batch
+   (the same step as the in-memory loop); then the shard of "valid" through
+   :func:`~pipeline.training.evaluate`; sums all-reduced across workers, so every worker sees the
+   same metrics and takes the same early-stopping decision;
+4. **report** -- metrics every epoch, with a checkpoint from rank 0, and one progress line.
+
+A checkpoint is a directory of two files, nothing to unpickle:
+``state.safetensors`` (weights ``model.*``, best weights ``best.*``, optimizer tensors ``opt.*``) and
+``state.json`` (epoch, per-epoch history, early-stopping state, optimizer hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.model import VAE, VAEConfig
+from pipeline.preprocess import EncodedBatch, TableCodec, families_from_json
+from pipeline.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
+from schemas.feature_spec import FeatureSpec
+
+STATE_WEIGHTS = "state.safetensors"
+STATE_META = "state.json"
+
+
+@dataclass
+class LoopConfig:
+    """Everything a worker needs, crossing to Ray as a plain dict (``asdict``)."""
+
+    spec: dict  # FeatureSpec.to_dict()
+    families: list[dict]  # preprocess.families_to_json(fitted families)
+    model: dict  # VAEConfig.to_dict()
+    train: dict  # asdict(TrainConfig)
+    shuffle_buffer: int = 10_000  # rows in each worker's local shuffle buffer
+    use_gpu: bool = False
+    bf16: bool = False  # bfloat16 autocast of the networks (GPU only)
+    threads: int = 1  # torch threads per worker (its CPUs)
+    fail_at_epoch: int | None = None  # test hook: raise once at the start of this epoch ...
+    fail_marker: str | None = None  # ... unless this file exists (written when it raises)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test-only failure hook."""
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_state(directory: str, model: VAE, optimizer: torch.optim.Optimizer, best: dict | None, meta: dict) -> None:
+    """Write a checkpoint directory: weights, best weights and optimizer tensors; the rest as JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if best is not None:
+        tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best.items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    meta = dict(meta) | {"optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
+    save_file(tensors, os.path.join(directory, STATE_WEIGHTS))
+    with open(os.path.join(directory, STATE_META), "w") as f:
+        json.dump(meta, f, default=float)
+
+
+def load_state(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(directory, STATE_WEIGHTS))
+    with open(os.path.join(directory, STATE_META)) as f:
+        return tensors, json.load(f)
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in _prefixed(tensors, "opt.").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+
+
+def final_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a finished run publishes: the best validation epoch's, else the last."""
+    best = _prefixed(tensors, "best.")
+    return best or _prefixed(tensors, "model.")
+
+
+# ---- the worker loop -----------------------------------------------------------------------------
+class _DistributedLoss(torch.nn.Module):
+    """forward = VAE.loss, so DDP's gradient hooks see the loss computation."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, batch: EncodedBatch, kl_weight: float = 1.0):
+        return self.vae.loss(batch, kl_weight=kl_weight)
+
+
+class _StepModel:
+    """What ``train_step`` uses of a model (train, loss, parameters), routed through DDP."""
+
+    def __init__(self, wrapped: torch.nn.Module, autocast: torch.autocast | None):
+        self.wrapped, self.autocast = wrapped, autocast
+
+    def train(self, mode: bool = True):
+        self.wrapped.train(mode)
+        return self
+
+    def loss(self, batch: EncodedBatch, kl_weight: float = 1.0):
+        if self.autocast is None:
+            return self.wrapped(batch, kl_weight)
+        with self.autocast:
+            return self.wrapped(batch, kl_weight)
+
+    def parameters(self):
+        return self.wrapped.parameters()
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _counted(batches, counter: list[int]):
+    for b in batches:
+        counter[0] += len(b)
+        yield b
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = LoopConfig(**config)
+    tcfg = TrainConfig(**cfg.train)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    # ---- setup ----
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    spec = FeatureSpec.from_dict(cfg.spec)
+    families = families_from_json(cfg.families)
+    codec = TableCodec(spec, families)
+    vae = VAE(families, VAEConfig.from_dict(cfg.model))
+    device = ray.train.torch.get_device()
+    wrapped = ray.train.torch.prepare_model(_DistributedLoss(vae))
+    vae.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else None
+    step_model = _StepModel(wrapped, autocast)
+    optimizer = make_optimizer(vae, tcfg)
+
+    # ---- resume ----
+    start, history, best_val, stale, best = 0, [], -math.inf, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tensors, meta = load_state(d)
+        vae.load_state_dict(_prefixed(tensors, "model."))
+        restore_optimizer(optimizer, tensors, meta)
+        best = _prefixed(tensors, "best.") or None
+        start, history = meta["epoch"] + 1, meta["history"]
+        best_val, stale = meta["best_val_elbo"], meta["stale"]
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {meta['epoch']}", flush=True)
+    torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)  # reparameterisation noise per rank
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    names = [f.name for f in families]
+    stopped = bool(history and history[-1].get("stop"))
+
+    # ---- epochs ----
+    for epoch in range(start, tcfg.epochs):
+        if stopped:
+            break
+        if cfg.fail_at_epoch == epoch and rank == world - 1 and not storage.exists(cfg.fail_marker):
+            storage.write_text(cfg.fail_marker, f"failure injected at epoch {epoch}\n")
+            raise InjectedFailure(f"test hook: worker {rank} fails at epoch {epoch}")
+
+        beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
+        n = recon = kl = invalid = 0.0
+        t0 = time.perf_counter()
+        join = wrapped.join() if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else _nullcontext()
+        with join:
+            for table in train_shard.iter_batches(
+                batch_size=tcfg.batch_size,
+                batch_format="pyarrow",
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) if cfg.shuffle_buffer else None,
+            ):
+                batch = codec.encode(table)
+                invalid += len(batch.invalid)
+                s = train_step(step_model, optimizer, batch.to(device), beta, tcfg.grad_clip)
+                n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
+        train_seconds = time.perf_counter() - t0
+
+        counter = [0]
+        val = evaluate(
+            vae,
+            _counted(
+                (
+                    codec.encode(t).to(device)
+                    for t in valid_shard.iter_batches(batch_size=max(tcfg.batch_size, 4096), batch_format="pyarrow")
+                ),
+                counter,
+            ),
+        )
+        vn = counter[0]
+        col_sums = [val["columns"].get(c, 0.0) * vn for c in names]
+        sums = _all_reduce(
+            [n, recon, kl, invalid, vn, val["recon_log_density"] * vn, val["kl"] * vn, train_seconds, *col_sums]
+        )
+        n, recon, kl, invalid, vn, vrecon, vkl, seconds_sum = sums[:8]
+        row = {
+            "epoch": epoch,
+            "kl_weight": beta,
+            "train_rows": int(n),
+            "train_elbo": (recon - kl) / max(n, 1),
+            "train_recon_log_density": recon / max(n, 1),
+            "train_kl": kl / max(n, 1),
+            "val_rows": int(vn),
+            "val_elbo": (vrecon - vkl) / vn if vn else None,
+            "val_recon_log_density": vrecon / vn if vn else None,
+            "val_kl": vkl / vn if vn else None,
+            "val_columns": {c: s / vn for c, s in zip(names, sums[8:], strict=True)} if vn else {},
+            "invalid_cells": int(invalid),
+            "seconds": seconds_sum / world,
+            "rows_per_s": n / max(seconds_sum / world, 1e-9),
+        }
+
+        # early stopping on validation elbo, once the KL weight has reached 1 (mirrors training.fit)
+        score = row["val_elbo"] if row["val_elbo"] is not None else row["train_elbo"]
+        if beta >= 1.0:
+            if score > best_val:
+                best_val, stale = score, 0
+                best = {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}
+            else:
+                stale += 1
+        row["best"] = stale == 0 and beta >= 1.0
+        stopped = bool(tcfg.patience and stale >= tcfg.patience)
+        row["stop"] = stopped
+        history.append(row)
+
+        # ---- report ----
+        metrics = {k: v for k, v in row.items() if k != "val_columns"} | {
+            f"val_col/{c}": v for c, v in row["val_columns"].items()
+        }
+        meta = {"epoch": epoch, "history": history, "best_val_elbo": best_val, "stale": stale}
+        if rank == 0:
+            print(progress_line(row, tcfg.epochs), flush=True)
+            with tempfile.TemporaryDirectory(prefix="vaepipe-ckpt-") as d:
+                save_state(d, vae, optimizer, best, meta)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress_line(row: dict, epochs: int) -> str:
+    def f(v):
+        return "   n/a" if v is None else f"{v:9.3f}"
+
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{epochs}  beta {row['kl_weight']:.2f}  "
+        f"train elbo {f(row['train_elbo'])}  val elbo {f(row['val_elbo'])}  "
+        f"val kl {f(row['val_kl'])}  {row['rows_per_s']:9.0f} rows/s"
+        + ("  *" if row.get("best") else "")
+        + ("  (early stop)" if row.get("stop") else "")
+    )
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
