@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "infer-spec": ("jobs.infer_spec", "print a feature spec inferred from Parquet data"),
     "train": ("jobs.train", "train the VAE with Ray Train; writes the model artifact"),
+    "score": ("jobs.score", "score every record into the scores table partition for a run date"),
 }
 
 

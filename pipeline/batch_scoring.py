@@ -1,0 +1,234 @@
+"""Scoring Arrow tables: the callable class Ray Data maps over the input, and the function it calls.
+
+* :func:`split_and_score` -- one Arrow table in, two out: the scored rows in the one fixed schema
+  of the scores table, and the rows that cannot be scored in the quarantine schema, with a reason,
+  the offending column and every original value. The plain benchmark loop calls it too.
+* :class:`BatchScorer` -- loads the model once per actor (``__init__``), then ``__call__(batch)``
+  scores a ``pyarrow.Table`` under ``torch.inference_mode`` and returns the scored rows; it writes
+  the batch's quarantined rows itself, to the run's staging prefix, under a name derived from the
+  rows' record keys (so a retried batch overwrites its own file instead of duplicating it).
+
+A row cannot be scored when an id column is null, or when the feature codec lists it as invalid
+(inf, a negative value in a positive column, a non-integer count, an unknown ordinal or binary
+level). Missing feature values are scored (masked); unseen categorical labels are scored with the
+out-of-vocabulary class.
+
+The settings cross to the Ray actors as a plain dict (:meth:`ScoreSettings.to_dict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import storage
+from pipeline.artifact import ModelArtifact, load_model
+from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from schemas.output_table import (
+    META_IW_SAMPLES,
+    META_MC_SAMPLES,
+    META_MODEL_ID,
+    META_RUN_ID,
+    META_SCHEMA_VERSION,
+    META_SEED,
+    SCHEMA_VERSION,
+    quarantine_schema,
+    scores_schema,
+    scores_to_table,
+)
+
+NULL_ID_REASON = "null id"
+PARQUET_COMPRESSION = "zstd"
+# Test-only failure injection: the job copies this environment variable into the settings, and each
+# scorer actor raises after scoring that many batches.
+FAIL_AFTER_ENV = "VAEPIPE_TEST_FAIL_AFTER_BATCHES"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the scorer when the test-only failure injection fires."""
+
+
+@dataclass
+class ScoreSettings:
+    model_dir: str
+    run_id: str
+    input_schema: bytes  # serialized Arrow schema of the spec's columns (ids and features)
+    quarantine_dir: str | None = None  # staging URI the actors write quarantined rows to
+    mc_samples: int = DEFAULT_MC_SAMPLES  # Monte Carlo samples for recon_log_density
+    iw_samples: int = DEFAULT_IW_SAMPLES  # importance samples for log_marginal (0: null)
+    seed: int = 0  # noise seed (with each record's key)
+    device: str = "cpu"
+    s3_endpoint: str | None = None
+    fail_after_batches: int | None = None  # test-only failure injection
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScoreSettings:
+        return cls(**d)
+
+    def arrow_input_schema(self) -> pa.Schema:
+        return pa.ipc.read_schema(pa.py_buffer(self.input_schema))
+
+
+def serialize_schema(schema: pa.Schema) -> bytes:
+    return schema.serialize().to_pybytes()
+
+
+def output_metadata(settings: ScoreSettings, model_id: str) -> dict[bytes, bytes]:
+    meta = {
+        META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
+        META_MODEL_ID: model_id.encode(),
+        META_RUN_ID: settings.run_id.encode(),
+        META_MC_SAMPLES: str(settings.mc_samples).encode(),
+        META_IW_SAMPLES: str(settings.iw_samples).encode(),
+        META_SEED: str(settings.seed).encode(),
+    }
+    meta.update({f"vaepipe.{k}".encode(): str(v).encode() for k, v in settings.extra_metadata.items()})
+    return meta
+
+
+def output_schemas(artifact: ModelArtifact, settings: ScoreSettings) -> tuple[pa.Schema, pa.Schema]:
+    """(scores schema with key-value metadata, quarantine schema) for this model and input."""
+    input_schema = settings.arrow_input_schema()
+    types = {name: _plain(input_schema.field(name).type) for name in artifact.spec.columns}
+    meta = output_metadata(settings, artifact.model_id)
+    scores = scores_schema(artifact.spec, types, artifact.model.latent_dim, meta)
+    quarantine = quarantine_schema(artifact.spec, types).with_metadata(meta)
+    return scores, quarantine
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """Dictionary-encoded input columns are written as their value type."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _conform(table: pa.Table, columns: list[str], schema: pa.Schema) -> list[pa.Array]:
+    out = []
+    for c in columns:
+        col = table.column(c).combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        out.append(col.cast(schema.field(c).type))
+    return out
+
+
+def unscorable_rows(table: pa.Table, id_columns, invalid: list[tuple[int, str, str]]) -> dict[int, tuple[str, str]]:
+    """row -> (column, reason) for every row that cannot be scored; a null id comes first."""
+    bad: dict[int, list[tuple[str, str]]] = {}
+    for c in id_columns:
+        nulls = table.column(c).is_null()
+        for r in np.flatnonzero(nulls.to_numpy(zero_copy_only=False)):
+            bad.setdefault(int(r), []).append((c, NULL_ID_REASON))
+    for r, c, reason in invalid:
+        bad.setdefault(int(r), []).append((c, reason))
+    out = {}
+    for r, problems in bad.items():
+        column, reason = problems[0]
+        if len(problems) > 1:
+            reason += "; also " + "; ".join(f"{c}: {why}" for c, why in problems[1:])
+        out[r] = (column, reason)
+    return out
+
+
+def split_and_score(
+    artifact: ModelArtifact,
+    table: pa.Table,
+    scores_schema_: pa.Schema,
+    quarantine_schema_: pa.Schema,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
+    iw_samples: int = DEFAULT_IW_SAMPLES,
+    seed: int = 0,
+) -> tuple[pa.Table, pa.Table]:
+    """-> (scored rows in ``scores_schema_``, quarantined rows in ``quarantine_schema_``)."""
+    spec = artifact.spec
+    encoded = artifact.codec.encode(table)
+    bad = unscorable_rows(table, spec.id_columns, encoded.invalid)
+    if bad:
+        bad_rows = np.array(sorted(bad), dtype=np.int64)
+        keep = np.setdiff1d(np.arange(table.num_rows), bad_rows)
+        quarantined = _quarantine_table(table.take(bad_rows), [bad[r] for r in bad_rows], spec, quarantine_schema_)
+        encoded = encoded.select(keep)
+        good = table.take(keep)
+    else:
+        quarantined = quarantine_schema_.empty_table()
+        good = table
+    if good.num_rows == 0:
+        return scores_schema_.empty_table(), quarantined
+    scores = score_batch(artifact.model, encoded, mc_samples=mc_samples, iw_samples=iw_samples, seed=seed)
+    ids = pa.table(_conform(good, list(spec.id_columns), scores_schema_), names=list(spec.id_columns))
+    scored = scores_to_table(ids, scores, spec, artifact.model_id, scores_schema_)
+    return scored, quarantined
+
+
+def _quarantine_table(rows: pa.Table, problems: list[tuple[str, str]], spec, schema: pa.Schema) -> pa.Table:
+    ids = _conform(rows, list(spec.id_columns), schema)
+    values = _conform(rows, spec.feature_names, schema)
+    reason = pa.array([p[1] for p in problems], pa.string())
+    column = pa.array([p[0] for p in problems], pa.string())
+    return pa.Table.from_arrays([*ids, reason, column, *values], schema=schema)
+
+
+def quarantine_file_name(table: pa.Table, id_columns) -> str:
+    """A name that depends only on which records the rows are: a retried batch rewrites its own file."""
+    from pipeline.preprocess import record_keys
+
+    keys = np.sort(record_keys(table, id_columns))
+    digest = hashlib.blake2b(keys.tobytes(), digest_size=12).hexdigest()
+    return f"quarantine-{digest}.parquet"
+
+
+def write_table(uri: str, table: pa.Table, row_group_size: int = 65536) -> None:
+    """One Parquet file in the table's own schema (metadata included), zstd."""
+    loc = storage.locate(uri)
+    parent = loc.path.rsplit("/", 1)[0]
+    loc.fs.create_dir(parent, recursive=True)
+    with loc.fs.open_output_stream(loc.path) as out:
+        pq.write_table(table, out, compression=PARQUET_COMPRESSION, row_group_size=row_group_size)
+
+
+class BatchScorer:
+    """The callable class for ``Dataset.map_batches``: the model is loaded once per actor."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = ScoreSettings.from_dict(settings)
+        if self.settings.s3_endpoint:
+            storage.configure(self.settings.s3_endpoint)
+        torch.set_num_threads(1)  # one actor per CPU; Ray gives each actor one
+        self.artifact = load_model(self.settings.model_dir, device=self.settings.device)
+        self.scores_schema, self.quarantine_schema = output_schemas(self.artifact, self.settings)
+        self.batches = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = self.settings
+        if s.fail_after_batches is not None and self.batches >= s.fail_after_batches:
+            raise InjectedFailure(f"{FAIL_AFTER_ENV}={s.fail_after_batches}: failing after {self.batches} batches")
+        with torch.inference_mode():
+            scored, quarantined = split_and_score(
+                self.artifact, batch, self.scores_schema, self.quarantine_schema, s.mc_samples, s.iw_samples, s.seed
+            )
+        if quarantined.num_rows:
+            if s.quarantine_dir is None:
+                raise RuntimeError("rows to quarantine but no quarantine directory was given")
+            name = quarantine_file_name(quarantined, self.artifact.spec.id_columns)
+            write_table(storage.join(s.quarantine_dir, name), quarantined)
+        self.batches += 1
+        return scored
+
+
+def count_invalid_ids(table: pa.Table, id_columns) -> int:
+    """Rows of `table` with a null in any id column."""
+    mask = None
+    for c in id_columns:
+        m = pc.is_null(table.column(c))
+        mask = m if mask is None else pc.or_(mask, m)
+    return int(pc.sum(mask).as_py() or 0) if mask is not None else 0
