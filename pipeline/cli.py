@@ -10,6 +10,9 @@ COMMANDS = {
     "infer-spec": ("jobs.infer_spec", "print a feature spec inferred from Parquet data"),
     "train": ("jobs.train", "train the VAE with Ray Train; writes the model artifact"),
     "score": ("jobs.score", "score every record into the scores table partition for a run date"),
+    "query": ("jobs.query", "SQL over the scores table (named `scores`), printed or written as csv/json/parquet"),
+    "report": ("jobs.report", "one self-contained HTML report on a model and a scoring run"),
+    "demo": ("jobs.demo", "the whole job on generated data: train, score, find the planted anomalies"),
 }
 
 
