@@ -128,8 +128,12 @@ def run(args) -> int:
     _check_capacity(args)
     try:
         # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
-        # blocks of at most one batch (streaming, no shuffle), so every actor gets work
-        ds = read_dataset(data, spec).repartition(target_num_rows_per_block=args.batch_size)
+        ds = read_dataset(data, spec)
+        if len(data.files) < 2 * args.workers:
+            # few input files (perhaps one row group each): split their blocks (streaming, no
+            # shuffle) so that every actor gets work
+            per_block = max(args.batch_size, -(-data.rows // (2 * args.workers)))
+            ds = ds.repartition(target_num_rows_per_block=per_block)
         resources = {"num_gpus": args.gpus_per_worker} if args.gpus_per_worker > 0 else {"num_cpus": 1}
         ds = ds.map_batches(
             BatchScorer,
