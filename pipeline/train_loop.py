@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,8 +52,8 @@ class LoopConfig:
     use_gpu: bool = False
     bf16: bool = False  # bfloat16 autocast of the networks (GPU only)
     threads: int = 1  # torch threads per worker (its CPUs)
-    fail_at_epoch: int | None = None  # test hook: raise once at the start of this epoch ...
-    fail_marker: str | None = None  # ... unless this file exists (written when it raises)
+    fail_at_epochs: list[int] = field(default_factory=list)  # test hook: a worker raises at the start of
+    fail_marker: str | None = None  # each of these epochs, once: unless FAIL_MARKER.EPOCH exists
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -188,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(vae, tcfg)
 
     # ---- resume ----
-    start, history, best_val, stale, best = 0, [], -math.inf, 0, None
+    start, history, best_val, stale, best, resumes = 0, [], -math.inf, 0, None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -198,6 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
         best = _prefixed(tensors, "best.") or None
         start, history = meta["epoch"] + 1, meta["history"]
         best_val, stale = meta["best_val_elbo"], meta["stale"]
+        resumes = [*meta.get("resumed_at_epochs", []), start]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {meta['epoch']}", flush=True)
     torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)  # reparameterisation noise per rank
@@ -211,9 +211,11 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, tcfg.epochs):
         if stopped:
             break
-        if cfg.fail_at_epoch == epoch and rank == world - 1 and not storage.exists(cfg.fail_marker):
-            storage.write_text(cfg.fail_marker, f"failure injected at epoch {epoch}\n")
-            raise InjectedFailure(f"test hook: worker {rank} fails at epoch {epoch}")
+        if epoch in cfg.fail_at_epochs and rank == world - 1:
+            marker = f"{cfg.fail_marker}.{epoch}"
+            if not storage.exists(marker):
+                storage.write_text(marker, f"failure injected at epoch {epoch}\n")
+                raise InjectedFailure(f"test hook: worker {rank} fails at the start of epoch {epoch}")
 
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
         n = recon = kl = invalid = 0.0
@@ -283,7 +285,13 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {k: v for k, v in row.items() if k != "val_columns"} | {
             f"val_col/{c}": v for c, v in row["val_columns"].items()
         }
-        meta = {"epoch": epoch, "history": history, "best_val_elbo": best_val, "stale": stale}
+        meta = {
+            "epoch": epoch,
+            "history": history,
+            "best_val_elbo": best_val,
+            "stale": stale,
+            "resumed_at_epochs": resumes,
+        }
         if rank == 0:
             print(progress_line(row, tcfg.epochs), flush=True)
             with tempfile.TemporaryDirectory(prefix="vaepipe-ckpt-") as d:
@@ -312,7 +320,3 @@ def progress_line(row: dict, epochs: int) -> str:
         + ("  *" if row.get("best") else "")
         + ("  (early stop)" if row.get("stop") else "")
     )
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

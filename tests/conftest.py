@@ -97,7 +97,7 @@ def adult_model(tmp_path_factory, ray_local):
     spec_path.write_text(dataset_spec("adult").to_yaml())
     model_dir = str(root / "model")
     args = "--workers 2 --epochs 2 --kl-warmup-epochs 1 --latent-dim 4 --hidden 32 32 --batch-size 1024 --seed 0"
-    args += " --mc-samples 4 --iw-samples 16"
+    args += " --mc-samples 4 --iw-samples 16 --reference-rows 2000 --baseline-rows 2000"
     data = str(DATA / "adult" / "adult.parquet")
     rc = train.main(["--data", data, "--spec", str(spec_path), "--model-dir", model_dir, *args.split()])
     assert rc == 0, "the train job failed to build the adult_model fixture"

@@ -1,0 +1,237 @@
+"""The training job end to end: real local Ray, real Parquet shards, moto's S3 server on loopback.
+
+Fast tests first (split, checkpoint state, bad input: no training); then the Ray Train runs, kept small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import DATA, dataset_spec
+
+from jobs import train
+from pipeline import storage
+from pipeline.artifact import load_model
+from pipeline.data import preflight
+from pipeline.model import VAE, VAEConfig
+from pipeline.preprocess import TableCodec, fit_families, partial_stats
+from pipeline.scoring import score_batch
+from pipeline.train_data import is_validation, statistics_pass
+from pipeline.train_loop import load_state, restore_optimizer, save_state
+from pipeline.training import TrainConfig, make_optimizer, train_step
+
+ADULT = DATA / "adult" / "adult.parquet"
+SMALL = "--latent-dim 4 --hidden 16 16 --batch-size 1024 --kl-warmup-epochs 1 --mc-samples 2 --iw-samples 4"
+
+
+@pytest.fixture(scope="module")
+def adult() -> pa.Table:
+    return pq.read_table(ADULT)
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("spec") / "adult.yaml"
+    path.write_text(dataset_spec("adult").to_yaml())
+    return str(path)
+
+
+def write_shards(table: pa.Table, directory: Path, n: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    size = -(-table.num_rows // n)
+    for i in range(n):
+        pq.write_table(table.slice(i * size, size), directory / f"part-{i:03d}.parquet")
+    return directory
+
+
+# ---- split, statistics, checkpoints ------------------------------------------------------------
+def test_split_is_a_function_of_the_id_alone(adult):
+    ids = ["record_id"]
+    whole = is_validation(adult, ids, 0.1)
+    pieces = np.concatenate([is_validation(adult.slice(i, 977), ids, 0.1) for i in range(0, adult.num_rows, 977)])
+    np.testing.assert_array_equal(whole, pieces)  # batch layout does not matter
+    perm = np.random.default_rng(0).permutation(adult.num_rows)
+    np.testing.assert_array_equal(is_validation(adult.take(perm), ids, 0.1), whole[perm])  # nor row order
+    assert 0.09 < whole.mean() < 0.11
+    # a larger fraction only moves records from train to validation, never back
+    assert not (whole & ~is_validation(adult, ids, 0.2)).any()
+
+
+def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, ray_local):
+    spec = dataset_spec("adult")
+    shards = write_shards(adult.slice(0, 9000), tmp_path / "shards", 3)
+    got = statistics_pass(preflight(str(shards), spec), spec, 0.1)
+    want = partial_stats(spec, adult.slice(0, 9000).select(spec.columns))
+    assert got.rows == 9000 and got.val_rows == int(is_validation(adult.slice(0, 9000), ["record_id"], 0.1).sum())
+    for a, b in zip(fit_families(spec, got.stats), fit_families(spec, want), strict=True):
+        sa, sb = a.state(), b.state()
+        assert sa.keys() == sb.keys(), a.name
+        for key in sa:  # merge order changes float rounding only
+            same = sa[key] == pytest.approx(sb[key], rel=1e-9) if isinstance(sa[key], float) else sa[key] == sb[key]
+            assert same, (a.name, key, sa[key], sb[key])
+
+
+def test_checkpoint_state_restores_model_and_optimizer_exactly(adult, tmp_path):
+    spec = dataset_spec("adult")
+    table = adult.slice(0, 512).select(spec.columns)
+    families = fit_families(spec, partial_stats(spec, table))
+    batch = TableCodec(spec, families).encode(table)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = VAE(families, VAEConfig(latent_dim=3, hidden=(8,)))
+        return model, make_optimizer(model, TrainConfig())
+
+    model, opt = fresh()
+    for _ in range(3):
+        train_step(model, opt, batch)
+    save_state(str(tmp_path), model, opt, None, {"epoch": 2, "history": []})
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.safetensors"]  # nothing to unpickle
+
+    model2, opt2 = fresh()
+    tensors, meta = load_state(str(tmp_path))
+    model2.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    restore_optimizer(opt2, tensors, meta)
+    torch.manual_seed(1)
+    train_step(model, opt, batch)
+    torch.manual_seed(1)
+    train_step(model2, opt2, batch)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# ---- bad input: exit 3, the file named, nothing written ------------------------------------------
+def _missing_column(t):
+    return t.drop_columns(["age"])
+
+
+def _string_for_number(t):
+    return t.set_column(t.schema.get_field_index("fnlwgt"), "fnlwgt", t.column("fnlwgt").cast(pa.string()))
+
+
+@pytest.mark.parametrize(
+    ("damage", "column"),
+    [(_missing_column, "age"), (_string_for_number, "fnlwgt"), ("truncate", None)],
+    ids=["missing-column", "string-for-number", "truncated-file"],
+)
+def test_bad_shard_exits_3_naming_the_file_and_writes_nothing(adult, spec_file, tmp_path, capsys, damage, column):
+    shards = write_shards(adult.slice(0, 3000), tmp_path / "data", 3)
+    bad = shards / "part-001.parquet"
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    else:
+        pq.write_table(damage(pq.read_table(bad)), bad)
+    model_dir = tmp_path / "model"
+    rc = train.main(["--data", str(shards), "--spec", spec_file, "--model-dir", str(model_dir), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert str(bad) in err
+    if column:
+        assert repr(column) in err
+    assert not model_dir.exists()
+
+
+# ---- training runs -------------------------------------------------------------------------------
+def test_two_worker_training_on_adult(adult_model, adult):
+    """The adult_model fixture: 2 CPU workers on the real adult data (missing values, zero-heavy money)."""
+    meta = json.loads(Path(adult_model, "model.json").read_text())
+    history = meta["metrics"]
+    assert [h["epoch"] for h in history] == list(range(len(history))) and len(history) >= 2
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"]  # validation elbo improves over epochs
+    for h in history:
+        assert h["train_rows"] + h["val_rows"] == adult.num_rows and h["rows_per_s"] > 0
+        assert set(h["val_columns"]) == {f.name for f in dataset_spec("adult").features}
+    # the held-out elbo (a lower bound on log p(x)) beats the independent-columns baseline
+    base = meta["baseline"]
+    assert meta["reference"]["elbo"]["mean"] > base["val_log_likelihood"], base
+    assert meta["reference"]["log_marginal"]["mean"] >= meta["reference"]["elbo"]["mean"] - 0.05
+    ref = meta["reference"]
+    assert len(ref["elbo"]["quantiles"]) == len(ref["quantile_probs"]) and ref["rows"] == history[-1]["val_rows"]
+    assert np.all(np.diff(ref["elbo"]["quantiles"]) >= 0)
+    assert meta["data"]["rows"] == adult.num_rows and meta["data"]["files"][0]["rows"] == adult.num_rows
+    assert meta["train_config"]["epochs"] == 2 and meta["versions"]["ray"]
+    assert sorted(os.listdir(adult_model)) == ["model.json", "model.safetensors"]  # checkpoints cleaned up
+
+    # the artifact reloads and scores identically in a fresh process
+    code = (
+        "import json, sys, torch, pyarrow.parquet as pq\n"
+        "from pipeline.artifact import load_model\nfrom pipeline.scoring import score_batch\n"
+        "torch.set_num_threads(1)\n"
+        "art = load_model(sys.argv[1])\n"
+        "batch = art.codec.encode(pq.read_table(sys.argv[2]).slice(0, 300))\n"
+        "s = score_batch(art.model, batch, 4, 8, seed=3)\n"
+        "print(json.dumps({'id': art.model_id, 'elbo': s.elbo.tolist(), 'lm': s.log_marginal.tolist()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, adult_model, str(ADULT)], capture_output=True, text=True, check=True
+    )
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])
+    art = load_model(adult_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = score_batch(art.model, art.codec.encode(adult.slice(0, 300)), 4, 8, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert fresh["id"] == art.model_id == meta["model_id"]
+    np.testing.assert_array_equal(np.array(fresh["elbo"]), here.elbo)
+    np.testing.assert_array_equal(np.array(fresh["lm"]), here.log_marginal)
+
+
+def test_worker_failure_resumes_from_the_checkpoint(adult, spec_file, tmp_path, ray_local, capsys):
+    data = write_shards(adult.slice(0, 8000), tmp_path / "data", 2)
+    model_dir = tmp_path / "model"
+    base = ["--data", str(data), "--spec", spec_file, "--model-dir", str(model_dir), "--workers", "2"]
+    base += ["--epochs", "3", *SMALL.split(), "--inject-failure-at-epoch", "1", "2"]
+
+    # 1. no retries allowed: the run dies at the start of epoch 1, after epoch 0's checkpoint
+    rc = train.main([*base, "--max-failures", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--resume" in err, err
+    assert not (model_dir / "model.json").exists()  # no model published
+    assert (model_dir / "_checkpoints" / "run.json").exists()
+
+    # 2. --resume continues at epoch 1; the worker lost at epoch 2 is restarted by Ray Train from the
+    #    checkpoint of epoch 1 (max_failures=1), not from scratch
+    rc = train.main([*base, "--max-failures", "1", "--resume"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["resumed_at_epochs"] == [1, 2]
+    assert [h["epoch"] for h in meta["metrics"]] == [0, 1, 2]
+    assert load_model(str(model_dir)).model_id == meta["model_id"]
+    assert not (model_dir / "_checkpoints").exists()
+
+
+def test_resume_without_a_run_is_a_usage_error(adult, spec_file, tmp_path):
+    data = write_shards(adult.slice(0, 100), tmp_path / "data", 1)
+    rc = train.main(["--data", str(data), "--spec", spec_file, "--model-dir", str(tmp_path / "m"), "--resume"])
+    assert rc == 2 and not (tmp_path / "m").exists()
+
+
+def test_training_on_s3(adult, spec_file, s3, ray_local, tmp_path):
+    """Data on an S3-compatible server on loopback; the artifact written to s3://."""
+    fs = storage.filesystem("s3://vaepipe-test")
+    for i, start in enumerate((0, 3000)):
+        with fs.open_output_stream(f"vaepipe-test/train-data/part-{i}.parquet") as f:
+            pq.write_table(adult.slice(start, 3000), f)
+    model_dir = "s3://vaepipe-test/models/adult"
+    args = ["--data", "s3://vaepipe-test/train-data/", "--spec", spec_file, "--model-dir", model_dir]
+    rc = train.main([*args, "--workers", "2", "--epochs", "1", *SMALL.split(), "--s3-endpoint", s3])
+    assert rc == 0
+    art = load_model(model_dir)
+    assert [f["file"] for f in art.meta["data"]["files"]] == [
+        f"s3://vaepipe-test/train-data/part-{i}.parquet" for i in range(2)
+    ]
+    assert art.meta["data"]["rows"] == 6000
+    assert not storage.exists(f"{model_dir}/_checkpoints")
+    scores = score_batch(art.model, art.codec.encode(adult.slice(0, 50)), 2, 0)
+    assert np.isfinite(scores.elbo).all()
