@@ -77,6 +77,7 @@ class TwoNodeCluster:
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.token = env["RAY_AUTH_TOKEN"]
         base = _port_block(300)
         self.gcs_port, self.dashboard_port = base, base + 1
@@ -284,9 +285,18 @@ def cluster(s3):
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "VAEPIPE_LOG_LEVEL": "INFO",
     }
-    c = TwoNodeCluster(root, env)
+    c = TwoNodeCluster(root / "a", env)
     try:
-        c.start()
+        try:
+            c.start()
+        except (RuntimeError, TimeoutError) as first:
+            # a heavily loaded machine can miss Ray's fixed 30 s window for a node to register: one
+            # fresh try on new ports; a second failure is a failure
+            leftover = c.stop()
+            assert not leftover, f"processes of the failed start survived its stop: {leftover}"
+            print(f"starting the cluster failed, trying once more: {str(first)[:2000]}")
+            c = TwoNodeCluster(root / "b", env)
+            c.start()
         yield c
     finally:
         survivors = c.stop()
@@ -294,7 +304,7 @@ def cluster(s3):
         if not survivors and not os.environ.get("VAEPIPE_KEEP_CLUSTER_LOGS"):
             import shutil
 
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)  # kept when something survived, for its logs
         assert not survivors, f"processes of the test cluster survived its stop: {survivors}\n{logs}"
 
 
