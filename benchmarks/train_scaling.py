@@ -123,11 +123,12 @@ def _pss_kib(pid: int) -> int:
 
 def stats_memory(data_dir: Path, workdir: Path) -> dict:
     signal = workdir / f"signal-{data_dir.name}"
+    errors = open(workdir / f"stderr-{data_dir.name}", "w+")  # noqa: SIM115 -- read back on failure
     proc = subprocess.Popen(
         [sys.executable, "-c", STATS_CHILD, str(data_dir), str(signal), str(ROOT / "tests")],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
     )
     samples: list[tuple[str, int]] = []
     stop = threading.Event()
@@ -144,6 +145,9 @@ def stats_memory(data_dir: Path, workdir: Path) -> dict:
     proc.wait()
     stop.set()
     t.join()
+    if proc.returncode != 0 or not signal.exists():
+        errors.seek(0)
+        raise RuntimeError(f"statistics pass on {data_dir.name} failed:\n{errors.read()[-3000:]}")
     result = json.loads(signal.read_text())
     idle = [m for ph, m in samples if ph == "ready"]
     during = [m for ph, m in samples if ph in ("ready", "")] + [m for ph, m in samples if ph.startswith("{")]

@@ -36,8 +36,15 @@ from pipeline.model import VAE, VAEConfig
 from pipeline.preprocess import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
 from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
-from pipeline.train_data import read_split_rows, split_datasets, statistics_pass
-from pipeline.train_loop import LoopConfig, final_weights, load_state, progress_line, train_loop_per_worker
+from pipeline.train_data import input_error_in, read_split_rows, split_datasets, statistics_pass
+from pipeline.train_loop import (
+    LoopConfig,
+    exact_split_config,
+    final_weights,
+    load_state,
+    progress_line,
+    train_loop_per_worker,
+)
 from pipeline.training import TrainConfig
 from schemas.feature_spec import FeatureSpec, load_spec
 
@@ -197,10 +204,15 @@ def train(args, run: dict[str, Any], data: InputData, spec: FeatureSpec, ckpt_di
             **kwargs,
         ),
         datasets={"train": train_ds, "valid": valid_ds},
+        dataset_config=exact_split_config(),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray Train's TrainingFailedError and friends
+        for failure in [e, *getattr(e, "worker_failures", {}).values()]:
+            cause = input_error_in(failure)
+            if cause is not None:  # a value no footer check could see: still bad input, exit 3
+                raise InputDataError(f"{cause} (checkpoints kept in {ckpt_dir})") from e
         raise TrainingFailed(
             f"training failed ({type(e).__name__}: {_first_line(e)}); the checkpoints are kept in {ckpt_dir}: "
             "run the same command with --resume to continue"
@@ -257,6 +269,12 @@ def save(args, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
     model.eval()
     ref, baseline = reference(args, run, data, spec, model)
     history = meta["history"]
+    if history[-1]["invalid_cells"]:
+        log.warning(
+            "%d training cells per epoch could not be used (negative, infinite or non-integer values where the "
+            "spec forbids them) and were treated as missing",
+            history[-1]["invalid_cells"],
+        )
     best = [h for h in history if h.get("best")]
     model_id = save_model(
         args.model_dir,

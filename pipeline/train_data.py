@@ -120,7 +120,7 @@ def statistics_pass(data: InputData, spec: FeatureSpec, val_fraction: float) -> 
     except InputDataError:
         raise
     except Exception as e:  # a page that the footer check could not see: name the input
-        cause = _input_error_in(e)
+        cause = input_error_in(e)
         if cause is not None:
             raise cause from e
         raise InputDataError(f"cannot read the input data ({type(e).__name__}: {_first_line(e)})", file=data.uri) from e
@@ -129,7 +129,7 @@ def statistics_pass(data: InputData, spec: FeatureSpec, val_fraction: float) -> 
     return DataStats(total, int(total["_rows"]), val_rows)
 
 
-def _input_error_in(e: BaseException) -> InputDataError | None:
+def input_error_in(e: BaseException) -> InputDataError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -114,6 +114,33 @@ def final_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return best or _prefixed(tensors, "model.")
 
 
+# ---- data ingest ---------------------------------------------------------------------------------
+def exact_split_config():
+    """A DataConfig that splits every dataset across workers without dropping rows.
+
+    Ray Train's default ``streaming_split(n, equal=True)`` drops up to n-1 rows per epoch to give every
+    worker the same count; here every record is trained on / validated once per epoch, and the uneven
+    last batches are handled by DDP's ``join()``.
+    """
+    import copy
+
+    from ray.train import DataConfig
+
+    class ExactSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = copy.deepcopy(self.default_ingest_options())
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                    out[i][name] = split
+            return out
+
+    return ExactSplit()
+
+
 # ---- the worker loop -----------------------------------------------------------------------------
 class _DistributedLoss(torch.nn.Module):
     """forward = VAE.loss, so DDP's gradient hooks see the loss computation."""
@@ -157,10 +184,26 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def _counted(batches, counter: list[int]):
-    for b in batches:
-        counter[0] += len(b)
-        yield b
+def validation_sums(vae: VAE, codec: TableCodec, shard, device, batch_size: int) -> tuple[int, dict[str, float]]:
+    """Rows and sums of recon, kl and per-column log-density over this worker's validation shard,
+    through the same ``evaluate`` as the in-memory loop (which returns averages)."""
+    counter = [0]
+
+    def batches():
+        for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            counter[0] += table.num_rows
+            yield codec.encode(table).to(device)
+
+    try:
+        val = evaluate(vae, batches())
+    except ZeroDivisionError:  # this worker's shard had no validation rows this epoch
+        if counter[0]:
+            raise
+        return 0, dict.fromkeys(["recon", "kl", *(f.name for f in vae.families)], 0.0)
+    n = counter[0]
+    return n, {"recon": val["recon_log_density"] * n, "kl": val["kl"] * n} | {
+        c: v * n for c, v in val["columns"].items()
+    }
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -234,21 +277,9 @@ def train_loop_per_worker(config: dict) -> None:
                 n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
         train_seconds = time.perf_counter() - t0
 
-        counter = [0]
-        val = evaluate(
-            vae,
-            _counted(
-                (
-                    codec.encode(t).to(device)
-                    for t in valid_shard.iter_batches(batch_size=max(tcfg.batch_size, 4096), batch_format="pyarrow")
-                ),
-                counter,
-            ),
-        )
-        vn = counter[0]
-        col_sums = [val["columns"].get(c, 0.0) * vn for c in names]
+        vn, vsums = validation_sums(vae, codec, valid_shard, device, max(tcfg.batch_size, 4096))
         sums = _all_reduce(
-            [n, recon, kl, invalid, vn, val["recon_log_density"] * vn, val["kl"] * vn, train_seconds, *col_sums]
+            [n, recon, kl, invalid, vn, vsums["recon"], vsums["kl"], train_seconds, *[vsums[c] for c in names]]
         )
         n, recon, kl, invalid, vn, vrecon, vkl, seconds_sum = sums[:8]
         row = {

@@ -158,6 +158,7 @@ def test_two_worker_training_on_adult(adult_model, adult):
     assert len(ref["elbo"]["quantiles"]) == len(ref["quantile_probs"]) and ref["rows"] == history[-1]["val_rows"]
     assert np.all(np.diff(ref["elbo"]["quantiles"]) >= 0)
     assert meta["data"]["rows"] == adult.num_rows and meta["data"]["files"][0]["rows"] == adult.num_rows
+    assert meta["data"]["val_rows"] == history[-1]["val_rows"]  # the split the stats pass saw is the one trained on
     assert meta["train_config"]["epochs"] == 2 and meta["versions"]["ray"]
     assert sorted(os.listdir(adult_model)) == ["model.json", "model.safetensors"]  # checkpoints cleaned up
 
