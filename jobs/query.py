@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline import scores_io, storage
 from pipeline.errors import UsageError
-from pipeline.runtime import add_ray_options, job_main, make_parser
+from pipeline.runtime import job_main, make_parser
 
 FORMATS = ("table", "csv", "json", "parquet")
 ENGINES = ("duckdb", "polars")
@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--out", default=None, help="write the result to this file (local or s3://) instead of stdout")
     p.add_argument("--engine", choices=ENGINES, default="duckdb", help="SQL engine")
     p.add_argument("--max-rows", type=int, default=50, help="--format table: rows shown (the rest are summarised)")
-    add_ray_options(p)  # only --s3-endpoint matters here; no Ray is started
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
     return p
 
 

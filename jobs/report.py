@@ -13,7 +13,7 @@ import sys
 from pipeline import scores_io, storage
 from pipeline.artifact import META
 from pipeline.errors import UsageError
-from pipeline.runtime import add_ray_options, job_main, make_parser
+from pipeline.runtime import job_main, make_parser
 
 
 def build_parser():
@@ -26,7 +26,7 @@ def build_parser():
     )
     p.add_argument("--top", type=int, default=20, help="how many anomalies to list")
     p.add_argument("--data", default=None, help="the scored input data: show the values behind the top anomalies")
-    add_ray_options(p)  # only --s3-endpoint matters here; no Ray is started
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
     return p
 
 

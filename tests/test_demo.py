@@ -104,5 +104,5 @@ def test_workdir_of_someone_else_is_refused(tmp_path, capsys):
 def test_average_precision_exact_values():
     pos = np.array([True, False, True, False])
     assert demo.average_precision(np.array([1.0, 2.0, 3.0, 4.0]), pos) == pytest.approx((1 + 2 / 3) / 2)
-    assert demo.average_precision(np.array([4.0, 3.0, 2.0, 1.0]), pos) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert demo.average_precision(np.array([4.0, 3.0, 2.0, 1.0]), pos) == pytest.approx((1 / 2 + 2 / 4) / 2)
     assert demo.average_precision(np.array([1.0, 3.0, 2.0, 4.0]), pos) == pytest.approx(1.0)
