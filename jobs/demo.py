@@ -236,7 +236,8 @@ def run(args) -> int:
             "train", train_job.main,
             "--data", data.history_dir, "--spec", data.spec_path, "--model-dir", model_dir,
             "--workers", str(args.workers), "--epochs", str(args.epochs), "--latent-dim", str(args.latent_dim),
-            "--seed", str(args.seed), "--batch-size", "256", *ray_opts,
+            "--seed", str(args.seed), "--batch-size", "256", "--kl-warmup-epochs", str(max(1, args.epochs // 3)),
+            *ray_opts,
         )  # fmt: skip
         times["train"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -192,8 +192,11 @@ def plot_training(metrics: list[dict], best_epoch: int | None) -> str | None:
         b2.plot(ep, series("kl_weight"), color="grey", ls=":", label="KL weight (warm-up)")
         b2.set_ylim(0, 1.05)
         b2.set_ylabel("KL weight")
-        b2.legend(loc="lower right", fontsize=8)
+        b2.legend(loc="center right", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best_epoch is not None:
             ax.axvline(best_epoch, color="green", ls="--", lw=1, label=f"best epoch ({best_epoch})")
         ax.grid(alpha=0.3)
