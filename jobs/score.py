@@ -79,15 +79,25 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def _vaepipe_cause(e: BaseException) -> VaepipeError | None:
-    """The VaepipeError raised inside a Ray task, if that is what failed."""
+def _causes(e: BaseException | None):
+    """The exception and what caused it, outermost first (Ray task errors carry ``.cause``)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, VaepipeError):
-            return e
+        yield e
         e = getattr(e, "cause", None) or e.__cause__
-    return None
+
+
+def _vaepipe_cause(e: BaseException) -> VaepipeError | None:
+    """The VaepipeError raised inside a Ray task, if that is what failed."""
+    return next((c for c in _causes(e) if isinstance(c, VaepipeError)), None)
+
+
+def _root_message(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (Ray's wrappers add tracebacks and hints)."""
+    root = list(_causes(e))[-1]
+    lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else ''}"
 
 
 def run(args) -> int:
@@ -180,7 +190,7 @@ def run(args) -> int:
         if cause is not None:
             raise cause from e
         log.debug("scoring failed", exc_info=True)
-        raise ScoringFailed(f"scoring failed, nothing published: {type(e).__name__}: {_first_line(e)}") from e
+        raise ScoringFailed(f"scoring failed, nothing published: {_root_message(e)}") from e
     finally:
         staging.discard()
 
@@ -205,13 +215,6 @@ def _check_capacity(args) -> None:
             "the Ray cluster has %s CPUs: %d scoring actors leave none for reading and writing; "
             "the job waits until more join (use fewer --workers)", cpus, args.workers,
         )  # fmt: skip
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray wraps the worker's traceback; the last line names the original error
-    return lines[-1] if lines else type(e).__name__
 
 
 main = job_main(build_parser, run)

@@ -1,0 +1,373 @@
+"""The scoring job end to end: real local Ray, real Parquet files, moto's S3 server on loopback.
+
+Every job run here goes through ``jobs.score.main`` in-process (sharing the session's Ray instance).
+Sample counts are reduced (``--mc-samples 8 --iw-samples 16``) to keep the suite within its time budget;
+the estimators themselves are tested in the scoring core's own tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from conftest import DATA
+
+from jobs import score
+from pipeline import publish
+from pipeline.artifact import load_model
+from pipeline.batch_scoring import FAIL_AFTER_ENV
+from schemas.output_table import META_IW_SAMPLES, META_MC_SAMPLES, META_MODEL_ID, META_RUN_ID, META_SCHEMA_VERSION
+
+pytestmark = pytest.mark.slow
+
+ADULT = DATA / "adult" / "adult.parquet"
+ADULT_MISSING = DATA / "adult" / "adult_missing20.parquet"
+SAMPLES = ["--mc-samples", "8", "--iw-samples", "16"]
+DATE = "2026-01-15"
+
+
+@pytest.fixture(scope="module")
+def model_dir(adult_model) -> str:
+    """The adult model trained by the train job (session fixture in conftest.py)."""
+    return str(adult_model)
+
+
+def run_score(data, model_dir, output, *extra, run_date=DATE) -> int:
+    args = ["--data", str(data), "--model-dir", str(model_dir), "--output", str(output), "--run-date", run_date]
+    return score.main([*args, *SAMPLES, *extra])
+
+
+def read_partition(output, run_date=DATE) -> pa.Table:
+    part = os.path.join(output, f"dt={run_date}")
+    files = sorted(p for p in os.listdir(part) if p.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(os.path.join(part, f)) for f in files]).sort_by("record_id")
+
+
+def read_quarantine(output, run_date=DATE) -> pa.Table:
+    part = os.path.join(output, "_quarantine", f"dt={run_date}")
+    files = sorted(p for p in os.listdir(part) if p.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(os.path.join(part, f)) for f in files]).sort_by("record_id")
+
+
+def snapshot(root) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = Path(p).read_bytes()
+    return out
+
+
+def assert_invariants(t: pa.Table, features: list[str], latent_dim: int) -> None:
+    recon = t.column("recon_log_density").to_numpy()
+    kl = t.column("kl").to_numpy()
+    elbo = t.column("elbo").to_numpy()
+    lm = t.column("log_marginal").to_numpy()
+    for name, v in (("recon", recon), ("kl", kl), ("elbo", elbo), ("log_marginal", lm)):
+        assert np.isfinite(v).all(), f"non-finite {name}"
+    np.testing.assert_allclose(elbo, recon - kl, rtol=1e-12, atol=1e-9)
+    assert (kl >= 0).all()
+    var = t.column("latent_var").combine_chunks().flatten().to_numpy()
+    mean = t.column("latent_mean").combine_chunks().flatten().to_numpy()
+    assert var.shape == mean.shape == (t.num_rows * latent_dim,)
+    assert (var > 0).all() and np.isfinite(var).all() and np.isfinite(mean).all()
+    cols = t.column("column_log_density").combine_chunks()
+    stacked = np.stack([cols.field(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
+    present = ~np.isnan(stacked)  # null -> NaN
+    assert np.isfinite(stacked[present]).all()
+    np.testing.assert_array_equal(present.sum(1), t.column("n_observed").to_numpy())
+    np.testing.assert_allclose(np.where(present, stacked, 0).sum(1), recon, rtol=1e-9, atol=1e-9)
+    assert lm.mean() >= elbo.mean()
+
+
+# ---- end to end on the real data ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adult_scored(model_dir, tmp_path_factory):
+    """Both adult files scored by the job (2 workers): {name: (input path, output dir, stdout)}."""
+    runs = {}
+    for name, path in (("adult", ADULT), ("adult_missing20", ADULT_MISSING)):
+        out = tmp_path_factory.mktemp(name) / "scores"
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = run_score(path, model_dir, out, "--workers", "2")
+        assert rc == 0
+        runs[name] = (path, out, buf.getvalue())
+    return runs
+
+
+@pytest.mark.parametrize("name", ["adult", "adult_missing20"])
+def test_end_to_end_adult(name, adult_scored, model_dir):
+    path, out, summary = adult_scored[name]
+    art = load_model(model_dir)
+    n_in = pq.ParquetFile(path).metadata.num_rows
+    t = read_partition(out)
+    q = read_quarantine(out)
+    # reconciliation: every input id exactly once, scored or quarantined (this data has no poison)
+    assert t.num_rows + q.num_rows == n_in and q.num_rows == 0
+    ids_in = pq.read_table(path, columns=["record_id"]).column("record_id").to_numpy()
+    np.testing.assert_array_equal(t.column("record_id").to_numpy(), np.sort(ids_in))
+    assert_invariants(t, art.spec.feature_names, art.model.latent_dim)
+    if name == "adult_missing20":
+        assert t.column("n_observed").to_numpy().min() < len(art.spec.feature_names)
+    assert set(pc.unique(t.column("model_id")).to_pylist()) == {art.model_id}
+    # the one fixed schema, with its metadata, in every file
+    part = out / f"dt={DATE}"
+    manifest = json.loads((part / "_manifest.json").read_text())
+    for f in manifest["output_files"]:
+        pf = pq.ParquetFile(f["file"])
+        assert pf.metadata.num_rows == f["rows"]
+        assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+        meta = pf.schema_arrow.metadata
+        assert meta[META_SCHEMA_VERSION] == b"1" and meta[META_MODEL_ID] == art.model_id.encode()
+        assert meta[META_RUN_ID] == manifest["run_id"].encode()
+        assert (meta[META_MC_SAMPLES], meta[META_IW_SAMPLES]) == (b"8", b"16")
+        assert pf.schema_arrow.field("latent_mean").type == pa.list_(pa.float32(), art.model.latent_dim)
+    assert manifest["input_rows"] == manifest["scored_rows"] == n_in and manifest["quarantined_rows"] == 0
+    assert manifest["input_files"] == [{"file": str(path), "rows": n_in}]
+    assert manifest["model_id"] == art.model_id and manifest["started_at"] <= manifest["finished_at"]
+    assert sorted(os.listdir(part)) == sorted(
+        ["_SUCCESS", "_manifest.json", *(os.path.basename(f["file"]) for f in manifest["output_files"])]
+    )
+    assert not (out / "_staging").exists()
+    assert f"scored {n_in:,} rows, quarantined 0" in summary and str(part) in summary
+
+
+# ---- determinism and re-runs ---------------------------------------------------------------------------
+def test_rerun_with_other_batching_gives_same_values_and_replaces_partition(adult_scored, model_dir, tmp_path):
+    path, first_out, _ = adult_scored["adult_missing20"]
+    out = tmp_path / "scores"
+    shutil.copytree(first_out, out)
+    first = read_partition(out)
+    first_files = set(os.listdir(out / f"dt={DATE}"))
+    # one worker instead of two, batches of 700 instead of 4096, files of 10,000 rows
+    assert run_score(path, model_dir, out, "--workers", "1", "--batch-size", "700", "--rows-per-file", "10000") == 0
+    second = read_partition(out)
+    second_files = set(os.listdir(out / f"dt={DATE}"))
+    # the re-run replaced the partition whole: none of the first run's data files remain
+    assert not ({f for f in first_files if f.endswith(".parquet")} & second_files)
+    assert len([f for f in second_files if f.endswith(".parquet")]) > 1
+    assert first.num_rows == second.num_rows == 32561
+    assert first.column("record_id").equals(second.column("record_id"))
+    for name in ("recon_log_density", "kl", "elbo", "log_marginal", "latent_mean", "latent_var"):
+        a = first.column(name).combine_chunks()
+        b = second.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(a.type):
+            a, b = a.flatten(), b.flatten()
+        np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    ca, cb = (t.column("column_log_density").combine_chunks() for t in (first, second))
+    for i in range(ca.type.num_fields):
+        x, y = ca.field(i).to_numpy(zero_copy_only=False), cb.field(i).to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---- readers -------------------------------------------------------------------------------------------
+def test_output_read_by_polars_duckdb_pyarrow(adult_scored, model_dir):
+    import duckdb
+    import polars as pl
+
+    _, out, _ = adult_scored["adult_missing20"]
+    n = 32561
+    dim = load_model(model_dir).model.latent_dim
+    glob = f"{out}/dt=*/*.parquet"
+    df = pl.read_parquet(glob)
+    assert df.height == n
+    assert df.schema["latent_mean"] == pl.Array(pl.Float32, dim)
+    assert df.schema["latent_var"] == pl.Array(pl.Float32, dim)
+    assert df.schema["column_log_density"].to_schema()["age"] == pl.Float64  # a struct of float64 fields
+    assert df.select((pl.col("elbo") - (pl.col("recon_log_density") - pl.col("kl"))).abs().max()).item() < 1e-9
+    assert df.get_column("latent_mean").arr.get(0).dtype == pl.Float32
+
+    con = duckdb.connect()
+    # Parquet has no fixed-size list: DuckDB sees FLOAT[] (a list) of dim floats in every row, which
+    # casts to DuckDB's fixed-size FLOAT[dim]
+    types = {r[0]: r[1] for r in con.sql(f"DESCRIBE SELECT * FROM read_parquet('{glob}')").fetchall()}
+    assert types["latent_mean"] in ("FLOAT[]", f"FLOAT[{dim}]")
+    rows, first_dim_mean, worst_elbo_id, lengths, cast_type = con.sql(
+        f"""
+        SELECT count(*), avg(latent_mean[1]), arg_min(record_id, elbo),
+               min(len(latent_var)) * (max(len(latent_mean)) = min(len(latent_mean)))::INT,
+               typeof(any_value(latent_mean::FLOAT[{dim}]))
+        FROM read_parquet('{glob}', hive_partitioning = true)
+        WHERE dt = '{DATE}'
+        """
+    ).fetchall()[0]
+    assert cast_type == f"FLOAT[{dim}]"
+    assert rows == n and lengths == dim
+    assert first_dim_mean == pytest.approx(df.get_column("latent_mean").arr.get(0).mean(), rel=1e-6)
+    assert worst_elbo_id == df.sort("elbo").get_column("record_id")[0]
+
+    # pyarrow's dataset discovery on the table root sees the partition and skips _quarantine, _staging
+    t = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert t.num_rows == n and t.schema.field("latent_mean").type == pa.list_(pa.float32(), dim)
+    assert set(t.column("dt").to_pylist()) == {DATE}
+
+
+# ---- rows that cannot be scored -----------------------------------------------------------------------
+def poison_input(directory: Path) -> tuple[Path, dict[int, tuple[str, str]], set[int]]:
+    """Two shards of adult rows with planted problems; -> (dir, {id: (column, reason)}, scored ids)."""
+    t = pq.read_table(ADULT).slice(0, 400)
+    d = t.to_pydict()
+    d["age"] = [float(v) for v in d["age"]]  # a float count column can hold a non-integer
+    quarantined = {
+        0: ("fnlwgt", "infinite value"),
+        1: ("capital_gain", "negative value in a positive column"),
+        5: ("age", "non-integer value in a count column"),
+        6: ("education", "value is not an ordinal level"),
+        7: ("sex", "unknown label for a binary column"),
+        9: ("fnlwgt", "negative value in a positive column"),  # -inf, and a second problem in the row
+    }
+    d["fnlwgt"][0] = math.inf
+    d["capital_gain"][1] = -5.0
+    d["workclass"][2] = 99  # unseen category: scored with the out-of-vocabulary class
+    d["age"][3] = None  # missing values: scored, masked
+    d["occupation"][3] = None
+    d["age"][5] = 30.5
+    d["education"][6] = 99
+    d["sex"][7] = 5
+    d["fnlwgt"][8] = None
+    d["fnlwgt"][9] = -math.inf
+    d["capital_loss"][9] = -1.0
+    d["record_id"][4] = None  # a null id cannot be scored
+    d["record_id"][210] = None  # one in the second shard too
+    schema = t.schema.set(t.schema.get_field_index("age"), pa.field("age", pa.float64()))
+    full = pa.table(d, schema=schema)
+    directory.mkdir()
+    pq.write_table(full.slice(0, 200), directory / "a.parquet")
+    pq.write_table(full.slice(200), directory / "b.parquet")
+    scored = set(range(400)) - set(quarantined) - {4, 210}
+    return directory, quarantined, scored
+
+
+@pytest.fixture(scope="module")
+def poison_scored(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("poison")
+    data, expected, scored_ids = poison_input(root / "in")
+    out = root / "scores"
+    assert run_score(data, model_dir, out, "--workers", "2", "--batch-size", "128") == 0
+    return data, out, expected, scored_ids
+
+
+def test_poison_rows_are_quarantined_and_nothing_is_lost(poison_scored, model_dir):
+    _, out, expected, scored_ids = poison_scored
+    t = read_partition(out)
+    q = read_quarantine(out)
+    assert t.num_rows + q.num_rows == 400
+    assert set(t.column("record_id").to_pylist()) == scored_ids
+    assert t.schema.field("record_id").type == pa.int64()
+    art = load_model(model_dir)
+    assert_invariants(t, art.spec.feature_names, art.model.latent_dim)
+    by_id = {r["record_id"]: r for r in t.to_pylist()}
+    assert by_id[2]["column_log_density"]["workclass"] is not None  # out-of-vocabulary class, scored
+    assert by_id[3]["n_observed"] == len(art.spec.feature_names) - 2
+    assert by_id[3]["column_log_density"]["age"] is None and by_id[8]["column_log_density"]["fnlwgt"] is None
+
+    # quarantine: ids, reason, column and the original values with their input types
+    assert q.schema.field("age").type == pa.float64() and q.schema.field("fnlwgt").type == pa.float64()
+    assert q.schema.field("workclass").type == pa.int64()
+    rows = {r["record_id"]: r for r in q.to_pylist() if r["record_id"] is not None}
+    assert {k: (v["column"], v["reason"].split(";")[0]) for k, v in rows.items()} == expected
+    assert "capital_loss: negative value in a positive column" in rows[9]["reason"]
+    assert rows[0]["fnlwgt"] == math.inf and rows[5]["age"] == 30.5 and rows[6]["education"] == 99
+    assert rows[9]["fnlwgt"] == -math.inf and rows[9]["capital_loss"] == -1.0
+    null_ids = [r for r in q.to_pylist() if r["record_id"] is None]
+    assert [(r["column"], r["reason"]) for r in null_ids] == [("record_id", "null id")] * 2
+    src = {r["record_id"]: r for r in pq.read_table(ADULT).slice(0, 400).to_pylist()}
+    assert sorted(r["hours_per_week"] for r in null_ids) == sorted(src[i]["hours_per_week"] for i in (4, 210))
+
+    manifest = json.loads((out / f"dt={DATE}" / "_manifest.json").read_text())
+    assert (manifest["scored_rows"], manifest["quarantined_rows"]) == (len(scored_ids), 8)
+    assert [f["rows"] for f in manifest["input_files"]] == [200, 200]
+    assert sum(f["rows"] for f in manifest["quarantine_files"]) == 8
+
+
+# ---- failures publish nothing ------------------------------------------------------------------------
+def test_failure_mid_run_publishes_nothing_and_keeps_previous_partition(
+    poison_scored, model_dir, tmp_path, monkeypatch, capsys
+):
+    data, published, _, _ = poison_scored
+    out = tmp_path / "scores"
+    shutil.copytree(published, out)
+    before = snapshot(out)
+    assert sum(p.endswith(("_SUCCESS", "_manifest.json")) for p in before) == 4  # in each of two partitions
+    assert sum(p.endswith(".parquet") for p in before) >= 2
+    # the re-run dies in the middle: each actor raises when it starts its second batch, after some
+    # batches were scored (and quarantined rows staged); 4 batches of 128 rows over 2 actors
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    assert run_score(data, model_dir, out, "--workers", "2", "--batch-size", "128", "--rows-per-file", "128") == 1
+    assert "scoring failed, nothing published" in capsys.readouterr().err
+    assert snapshot(out) == before  # byte for byte, and no staging left behind
+    manifest = json.loads((out / f"dt={DATE}" / "_manifest.json").read_text())
+    assert read_partition(out).num_rows == manifest["scored_rows"]
+
+
+def test_whole_file_problems_stop_before_anything_is_written(model_dir, tmp_path, capsys):
+    good = pq.read_table(ADULT).slice(0, 100)
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(good, data / "a.parquet")
+    pq.write_table(good.drop_columns(["fnlwgt"]).slice(0, 10), data / "b.parquet")
+    out = tmp_path / "scores"
+    assert run_score(data, model_dir, out) == 3
+    err = capsys.readouterr().err
+    assert "fnlwgt" in err and "b.parquet" in err
+    assert not out.exists()
+    # ids that do not identify records (the same id in two files)
+    (data / "b.parquet").unlink()
+    pq.write_table(good.slice(50, 10), data / "b.parquet")
+    assert run_score(data, model_dir, out) == 3
+    err = capsys.readouterr().err
+    assert "more than once" in err and "a.parquet" in err and "b.parquet" in err
+    assert not out.exists()
+    # bad usage
+    assert run_score(data, model_dir, out, run_date="2026-13-01") == 2
+    assert run_score(data, model_dir, out, "--iw-samples", "-1") == 2
+    assert not out.exists()
+
+
+# ---- S3 ------------------------------------------------------------------------------------------------
+def test_input_and_output_on_s3(model_dir, s3, ray_local):
+    fs = pafs.S3FileSystem(endpoint_override=s3, scheme="http", region="us-east-1")
+    src = pq.read_table(ADULT_MISSING).slice(0, 1500)
+    for i in range(2):
+        pq.write_table(src.slice(i * 750, 750), f"vaepipe-test/score/in/part-{i}.parquet", filesystem=fs)
+    model_s3 = "vaepipe-test/score/model"
+    for f in os.listdir(model_dir):
+        fs.create_dir(model_s3)
+        with fs.open_output_stream(f"{model_s3}/{f}") as o:
+            o.write(Path(model_dir, f).read_bytes())
+    out = "s3://vaepipe-test/score/out"
+
+    def listing():
+        sel = pafs.FileSelector("vaepipe-test/score/out", recursive=True)
+        return sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
+    assert run_score("s3://vaepipe-test/score/in/", f"s3://{model_s3}", out, "--workers", "2") == 0
+    part = f"vaepipe-test/score/out/dt={DATE}"
+    first = listing()
+    manifest = publish.read_manifest(f"s3://{part}")
+    data_files = [f["file"] for f in manifest["output_files"]]
+    assert sorted(first) == sorted(
+        [f"{part}/_SUCCESS", f"{part}/_manifest.json", *(f[len("s3://"):] for f in data_files)]
+        + [f["file"][len("s3://"):] for f in manifest["quarantine_files"]]
+        + [f"vaepipe-test/score/out/_quarantine/dt={DATE}/_SUCCESS",
+           f"vaepipe-test/score/out/_quarantine/dt={DATE}/_manifest.json"]
+    )  # fmt: skip
+    t = pads.dataset(f"{part}/", filesystem=fs, format="parquet").to_table().sort_by("record_id")
+    assert t.num_rows == 1500 and manifest["scored_rows"] == 1500
+    assert t.column("record_id").to_pylist() == src.column("record_id").to_pylist()
+    local = load_model(model_dir)
+    assert_invariants(t, local.spec.feature_names, local.model.latent_dim)
