@@ -3,8 +3,8 @@
     python benchmarks/score_throughput.py [--rows 1000000] [--mc-samples 4] [--iw-samples 8] [--model-dir DIR]
 
 Data: adult rows resampled (with replacement) to --rows records with fresh ids, 20% of cells nulled, in
---shards Parquet files. Model: --model-dir, or a model trained here in-process on adult (default
-architecture, a few epochs; its quality does not matter for throughput).
+--shards Parquet files. Model: --model-dir, or a model trained here in-process on adult (latent 4,
+hidden 32-32 as in the tests' fixture by default, 2 epochs; its quality does not matter for throughput).
 
 Measured, each on the same files:
 * ``job, N workers``: ``vaepipe score`` end to end (pre-flight, id read, Ray Data read -> scoring actors ->
@@ -59,7 +59,7 @@ def make_data(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
         pq.write_table(pa.table(cols), directory / f"part-{s:03d}.parquet", row_group_size=65536)
 
 
-def train_model(model_dir: Path, epochs: int) -> None:
+def train_model(model_dir: Path, epochs: int, latent_dim: int, hidden: list[int]) -> None:
     from pipeline.model import VAE, VAEConfig
     from pipeline.preprocess import TableCodec, fit_families, partial_stats
     from pipeline.training import TrainConfig, fit
@@ -67,7 +67,7 @@ def train_model(model_dir: Path, epochs: int) -> None:
     spec = dataset_spec("adult")
     table = pq.read_table(DATA / "adult" / "adult.parquet")
     families = fit_families(spec, partial_stats(spec, table))
-    model = VAE(families, VAEConfig())
+    model = VAE(families, VAEConfig(latent_dim=latent_dim, hidden=tuple(hidden)))
     fit(model, TableCodec(spec, families).encode(table), TrainConfig(epochs=epochs, patience=0, kl_warmup_epochs=1))
     save_model(str(model_dir), model, spec)
 
@@ -105,6 +105,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--epochs", type=int, default=2, help="epochs when training the benchmark model here")
+    p.add_argument("--latent-dim", type=int, default=4, help="of the model trained here")
+    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32], help="of the model trained here")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
@@ -117,7 +119,7 @@ def main() -> int:
         print(f"generated {args.rows:,} rows in {args.shards} shards ({time.perf_counter() - t0:.0f} s)")
     model_dir = args.model_dir or str(work / "model")
     if not Path(model_dir, "model.json").exists():
-        train_model(Path(model_dir), args.epochs)
+        train_model(Path(model_dir), args.epochs, args.latent_dim, args.hidden)
     art = load_model(model_dir)
     print(f"model {art.model_id}: latent_dim {art.model.latent_dim}, hidden {art.model.config.hidden}; "
           f"S={args.mc_samples} K={args.iw_samples}, batch {args.batch_size}, {os.cpu_count()} cores")  # fmt: skip

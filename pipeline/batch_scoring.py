@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -224,11 +223,3 @@ class BatchScorer:
         self.batches += 1
         return scored
 
-
-def count_invalid_ids(table: pa.Table, id_columns) -> int:
-    """Rows of `table` with a null in any id column."""
-    mask = None
-    for c in id_columns:
-        m = pc.is_null(table.column(c))
-        mask = m if mask is None else pc.or_(mask, m)
-    return int(pc.sum(mask).as_py() or 0) if mask is not None else 0
