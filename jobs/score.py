@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -93,8 +94,17 @@ def _vaepipe_cause(e: BaseException) -> VaepipeError | None:
     return next((c for c in _causes(e) if isinstance(c, VaepipeError)), None)
 
 
+_ERROR_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Failure)): (.+)$")
+
+
 def _root_message(e: BaseException) -> str:
-    """``Type: first line`` of the innermost cause (Ray's wrappers add tracebacks and hints)."""
+    """``Type: message`` of the error that started it: Ray keeps a task's own exception only in the
+    traceback text of its wrapper, so that text is searched for its last ``Type: message`` line."""
+    for c in _causes(e):
+        for line in reversed(str(c).splitlines()):
+            m = _ERROR_LINE.match(line)
+            if m and not m.group(1).startswith("ray.") and "RayTaskError" not in m.group(1):
+                return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
     root = list(_causes(e))[-1]
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     return f"{type(root).__name__}: {lines[0] if lines else ''}"

@@ -308,7 +308,8 @@ def test_failure_mid_run_publishes_nothing_and_keeps_previous_partition(
     # batches were scored (and quarantined rows staged); 4 batches of 128 rows over 2 actors
     monkeypatch.setenv(FAIL_AFTER_ENV, "1")
     assert run_score(data, model_dir, out, "--workers", "2", "--batch-size", "128", "--rows-per-file", "128") == 1
-    assert "scoring failed, nothing published" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scoring failed, nothing published: InjectedFailure" in err
     assert snapshot(out) == before  # byte for byte, and no staging left behind
     manifest = json.loads((out / f"dt={DATE}" / "_manifest.json").read_text())
     assert read_partition(out).num_rows == manifest["scored_rows"]
