@@ -38,18 +38,29 @@ def adult_spec_yaml(path: Path) -> str:
 
 # ---- 1. rows/s, 1 vs 2 workers -------------------------------------------------------------------
 def throughput(workdir: Path, epochs: int) -> dict[int, list[float]]:
+    """Both runs in this process, on one local Ray instance (as a cluster would run them)."""
+    import ray
+
+    sys.path.insert(0, str(ROOT))
+    from jobs import train
+
     spec = adult_spec_yaml(workdir / "adult.yaml")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     out = {}
-    for workers in (1, 2):
-        model_dir = workdir / f"model-{workers}"
-        cmd = [sys.executable, "-m", "jobs.train", "--data", str(ADULT), "--spec", spec, "--model-dir", str(model_dir)]
-        cmd += ["--workers", str(workers), "--epochs", str(epochs), "--patience", "0", "--kl-warmup-epochs", "1"]
-        cmd += ["--reference-rows", "1000", "--baseline-rows", "1000", "--iw-samples", "4", "--mc-samples", "2"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        meta = json.loads((model_dir / "model.json").read_text())
-        out[workers] = [h["rows_per_s"] for h in meta["metrics"]]
-        print(f"  {workers} worker(s): job wall time {time.perf_counter() - t0:.0f}s", flush=True)
+    try:
+        for workers in (1, 2):
+            model_dir = workdir / f"model-{workers}"
+            args = ["--data", str(ADULT), "--spec", spec, "--model-dir", str(model_dir), "--workers", str(workers)]
+            args += ["--epochs", str(epochs), "--patience", "0", "--kl-warmup-epochs", "1", "--batch-size", "256"]
+            args += ["--reference-rows", "1000", "--baseline-rows", "1000", "--iw-samples", "4", "--mc-samples", "2"]
+            t0 = time.perf_counter()
+            if train.main(args) != 0:
+                raise RuntimeError(f"training with {workers} worker(s) failed")
+            meta = json.loads((model_dir / "model.json").read_text())
+            out[workers] = [h["rows_per_s"] for h in meta["metrics"]]
+            print(f"  {workers} worker(s): job wall time {time.perf_counter() - t0:.0f}s", flush=True)
+    finally:
+        ray.shutdown()
     return out
 
 

@@ -96,8 +96,8 @@ def adult_model(tmp_path_factory, ray_local):
     spec_path = root / "adult.yaml"
     spec_path.write_text(dataset_spec("adult").to_yaml())
     model_dir = str(root / "model")
-    args = "--workers 2 --epochs 2 --kl-warmup-epochs 1 --latent-dim 4 --hidden 32 32 --batch-size 1024 --seed 0"
-    args += " --mc-samples 4 --iw-samples 16 --reference-rows 2000 --baseline-rows 2000"
+    args = "--workers 2 --epochs 2 --kl-warmup-epochs 1 --latent-dim 4 --hidden 32 32 --batch-size 256 --lr 5e-3"
+    args += " --seed 0 --mc-samples 4 --iw-samples 16 --reference-rows 2000 --baseline-rows 2000"
     data = str(DATA / "adult" / "adult.parquet")
     rc = train.main(["--data", data, "--spec", str(spec_path), "--model-dir", model_dir, *args.split()])
     assert rc == 0, "the train job failed to build the adult_model fixture"
