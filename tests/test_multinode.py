@@ -345,8 +345,8 @@ def test_train_and_score_as_jobs_on_two_nodes(cluster, s3):
 
     train_cmd = (
         f"vaepipe train --data {uri}/data --spec {uri}/wine.yaml --model-dir {uri}/model"
-        f" --workers {TRAIN_WORKERS} --cpus-per-worker {CPUS_PER_TRAIN_WORKER} --epochs 2 --kl-warmup-epochs 1"
-        " --latent-dim 4 --hidden 32 32 --batch-size 512 --seed 0 --reference-rows 1000 --mc-samples 4"
+        f" --workers {TRAIN_WORKERS} --cpus-per-worker {CPUS_PER_TRAIN_WORKER} --epochs 1 --kl-warmup-epochs 0"
+        " --latent-dim 4 --hidden 32 32 --batch-size 512 --seed 0 --reference-rows 500 --mc-samples 4"
         " --iw-samples 8 --max-failures 0"
     )
     score_cmd = (
