@@ -118,8 +118,11 @@ def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # S3 endpoint and region (never credentials) travel to the workers; inside a Ray Job the job's own
+    # runtime_env already applies and Ray refuses to merge a second one with the same variables
     env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env = {"env_vars": env_vars} if env_vars and not in_ray_job else None
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
