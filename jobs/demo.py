@@ -46,10 +46,10 @@ class DemoFailed(VaepipeError):
 def build_parser():
     p = make_parser("vaepipe demo", __doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--workdir", default="vaepipe-demo", help="where the demo writes everything")
-    p.add_argument("--history-rows", type=int, default=12_000, help="rows to train on")
-    p.add_argument("--incoming-rows", type=int, default=6_000, help="rows to score")
+    p.add_argument("--history-rows", type=int, default=8_000, help="rows to train on")
+    p.add_argument("--incoming-rows", type=int, default=4_000, help="rows to score")
     p.add_argument("--anomaly-fraction", type=float, default=0.02, help="share of incoming rows made anomalous")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (and scoring actors)")
     p.add_argument("--latent-dim", type=int, default=4, help="dimension of z")
     p.add_argument("--seed", type=int, default=7, help="seed of the data and of training")
