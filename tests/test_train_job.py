@@ -155,7 +155,7 @@ def test_two_worker_training_on_adult(adult_model, adult):
     assert meta["reference"]["elbo"]["mean"] > base["val_log_likelihood"], base
     assert meta["reference"]["log_marginal"]["mean"] >= meta["reference"]["elbo"]["mean"] - 0.05
     ref = meta["reference"]
-    assert len(ref["elbo"]["quantiles"]) == len(ref["quantile_probs"]) and ref["rows"] == history[-1]["val_rows"]
+    assert len(ref["elbo"]["quantiles"]) == len(ref["quantile_probs"]) and 0 < ref["rows"] <= history[-1]["val_rows"]
     assert np.all(np.diff(ref["elbo"]["quantiles"]) >= 0)
     assert meta["data"]["rows"] == adult.num_rows and meta["data"]["files"][0]["rows"] == adult.num_rows
     assert meta["data"]["val_rows"] == history[-1]["val_rows"]  # the split the stats pass saw is the one trained on
