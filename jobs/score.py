@@ -141,9 +141,9 @@ def run(args) -> int:
         run_id, data.rows, len(data.files), artifact.model_id, publish.partition_uri(args.output, run_date),
     )  # fmt: skip
 
-    # a local instance gets a logical CPU beyond the actors, for the read and write tasks
     from ray.data import ActorPoolStrategy
 
+    # a local instance gets a logical CPU beyond the actors, for the read and write tasks
     init_ray(args.ray_address, num_cpus=max(os.cpu_count() or 1, args.workers + 1))
     _check_capacity(args)
     try:
