@@ -95,6 +95,5 @@ def read_dataset(data: InputData, spec: FeatureSpec, **kwargs):
     """A Ray Dataset over the checked files, reading only the spec's columns."""
     import ray.data
 
-    return ray.data.read_parquet(
-        data.paths, filesystem=data.filesystem(), columns=spec.columns, **kwargs
-    )
+    # select_columns is pushed down into the Parquet reads: other columns are never read
+    return ray.data.read_parquet(data.paths, filesystem=data.filesystem(), **kwargs).select_columns(spec.columns)
