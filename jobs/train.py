@@ -120,7 +120,11 @@ def setup(args) -> tuple[FeatureSpec, InputData, str]:
     check_args(args)
     spec = load_spec(args.spec)
     data = preflight(args.data, spec)
+    if not storage.is_s3(args.model_dir):  # Ray Train's storage wants absolute local paths
+        args.model_dir = os.path.abspath(args.model_dir)
     ckpt_dir = args.checkpoint_dir or storage.join(args.model_dir, "_checkpoints")
+    if not storage.is_s3(ckpt_dir):
+        ckpt_dir = os.path.abspath(ckpt_dir)
     log.info("input: %d file(s), %d rows", len(data.files), data.rows)
     return spec, data, ckpt_dir
 
