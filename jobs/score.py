@@ -26,7 +26,7 @@ from pipeline.batch_scoring import (
     serialize_schema,
 )
 from pipeline.data import preflight, read_dataset
-from pipeline.errors import UsageError, VaepipeError
+from pipeline.errors import UsageError, VaepipeError, causes
 from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
 from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from schemas.output_table import SCHEMA_VERSION
@@ -80,18 +80,9 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def _causes(e: BaseException | None):
-    """The exception and what caused it, outermost first (Ray task errors carry ``.cause``)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = getattr(e, "cause", None) or e.__cause__
-
-
 def _vaepipe_cause(e: BaseException) -> VaepipeError | None:
     """The VaepipeError raised inside a Ray task, if that is what failed."""
-    return next((c for c in _causes(e) if isinstance(c, VaepipeError)), None)
+    return next((c for c in causes(e) if isinstance(c, VaepipeError)), None)
 
 
 _ERROR_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Failure)): (.+)$")
@@ -100,12 +91,12 @@ _ERROR_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Failure)): (.+)$")
 def _root_message(e: BaseException) -> str:
     """``Type: message`` of the error that started it: Ray keeps a task's own exception only in the
     traceback text of its wrapper, so that text is searched for its last ``Type: message`` line."""
-    for c in _causes(e):
+    for c in causes(e):
         for line in reversed(str(c).splitlines()):
             m = _ERROR_LINE.match(line)
             if m and not m.group(1).startswith("ray.") and "RayTaskError" not in m.group(1):
                 return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
-    root = list(_causes(e))[-1]
+    root = list(causes(e))[-1]
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     return f"{type(root).__name__}: {lines[0] if lines else ''}"
 

@@ -31,7 +31,7 @@ from pipeline import storage
 from pipeline.artifact import save_model
 from pipeline.baseline import IndependentBaseline
 from pipeline.data import InputData, preflight
-from pipeline.errors import InputDataError, UsageError, VaepipeError
+from pipeline.errors import InputDataError, UsageError, VaepipeError, first_line
 from pipeline.model import VAE, VAEConfig
 from pipeline.preprocess import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
@@ -218,7 +218,7 @@ def train(args, run: dict[str, Any], data: InputData, spec: FeatureSpec, ckpt_di
             if cause is not None:  # a value no footer check could see: still bad input, exit 3
                 raise InputDataError(f"{cause} (checkpoints kept in {ckpt_dir})") from e
         raise TrainingFailed(
-            f"training failed ({type(e).__name__}: {_first_line(e)}); the checkpoints are kept in {ckpt_dir}: "
+            f"training failed ({type(e).__name__}: {first_line(e)}); the checkpoints are kept in {ckpt_dir}: "
             "run the same command with --resume to continue"
         ) from e
     if result.checkpoint is None:
@@ -226,11 +226,6 @@ def train(args, run: dict[str, Any], data: InputData, spec: FeatureSpec, ckpt_di
     with result.checkpoint.as_directory() as d:
         tensors, meta = load_state(d)
     return {"tensors": tensors, "meta": meta}
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:500] if lines else ""
 
 
 def reference(args, run: dict, data: InputData, spec: FeatureSpec, model: VAE) -> tuple[dict, dict]:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data import InputData, read_dataset
-from pipeline.errors import InputDataError
+from pipeline.errors import InputDataError, causes, first_line
 from pipeline.preprocess import merge_stats, partial_stats, record_keys, splitmix64
 from schemas.feature_spec import FeatureSpec
 
@@ -123,22 +123,12 @@ def statistics_pass(data: InputData, spec: FeatureSpec, val_fraction: float) -> 
         cause = input_error_in(e)
         if cause is not None:
             raise cause from e
-        raise InputDataError(f"cannot read the input data ({type(e).__name__}: {_first_line(e)})", file=data.uri) from e
+        raise InputDataError(f"cannot read the input data ({type(e).__name__}: {first_line(e)})", file=data.uri) from e
     if total is None or total["_rows"] == 0:
         raise InputDataError("the input has no rows", file=data.uri)
     return DataStats(total, int(total["_rows"]), val_rows)
 
 
 def input_error_in(e: BaseException) -> InputDataError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, InputDataError):
-            return e
-        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
+    """The InputDataError a worker raised, wherever Ray wrapped it."""
+    return next((c for c in causes(e, follow_context=True) if isinstance(c, InputDataError)), None)
