@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import DATA, dataset_spec  # noqa: E402
 
 from jobs import score  # noqa: E402
-from pipeline.artifact import load_model, save_model  # noqa: E402
-from pipeline.batch_scoring import ScoreSettings, output_schemas, serialize_schema, split_and_score  # noqa: E402
+from pipeline.core.artifact import load_model, save_model  # noqa: E402
+from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score  # noqa: E402
 
 
 def make_data(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
@@ -60,9 +60,9 @@ def make_data(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
 
 
 def train_model(model_dir: Path, epochs: int, latent_dim: int, hidden: list[int]) -> None:
-    from pipeline.model import VAE, VAEConfig
-    from pipeline.preprocess import TableCodec, fit_families, partial_stats
-    from pipeline.training import TrainConfig, fit
+    from pipeline.core.codec import TableCodec, fit_families, partial_stats
+    from pipeline.core.model import VAE, VAEConfig
+    from pipeline.core.training import TrainConfig, fit
 
     spec = dataset_spec("adult")
     table = pq.read_table(DATA / "adult" / "adult.parquet")

@@ -2,7 +2,7 @@
 
 1. rows/s per epoch of ``vaepipe train`` on tests/data/adult with 1 and 2 Ray Train workers
    (the job's own per-epoch figure: training rows over the epoch's wall time, data loading included);
-2. peak memory of the statistics pass (pipeline.train_data.statistics_pass) on adult (1x) and on 10x
+2. peak memory of the statistics pass (pipeline.train.data.statistics_pass) on adult (1x) and on 10x
    its rows (generated: 10 shards, record ids offset so every record is distinct). Each pass runs in
    a fresh process with its own local Ray; memory is the peak, sampled every 50 ms, of the summed PSS
    (proportional set size: shared pages counted once) of the driver and every Ray process it started.
@@ -87,8 +87,8 @@ STATS_CHILD = """
 import sys, json, time, ray
 sys.path.insert(0, sys.argv[3])
 from conftest import dataset_spec
-from pipeline.data import preflight
-from pipeline.train_data import statistics_pass
+from pipeline.io.inputs import preflight
+from pipeline.train.data import statistics_pass
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 spec = dataset_spec("adult")
 data = preflight(sys.argv[1], spec)

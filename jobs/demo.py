@@ -25,9 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline import scores_io, synthetic
+from pipeline import synthetic
 from pipeline.errors import UsageError, VaepipeError
 from pipeline.runtime import job_main, make_parser
+from pipeline.score import reader as scores_io
 
 log = logging.getLogger("vaepipe.demo")
 

@@ -6,8 +6,8 @@ import sys
 
 import pyarrow.parquet as pq
 
-from pipeline import storage
 from pipeline.errors import InputDataError
+from pipeline.io import storage
 from pipeline.runtime import add_ray_options, job_main, make_parser
 from schemas.feature_spec import infer_spec
 

@@ -21,9 +21,10 @@ import sys
 
 import pyarrow as pa
 
-from pipeline import scores_io, storage
 from pipeline.errors import UsageError
+from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
+from pipeline.score import reader as scores_io
 
 FORMATS = ("table", "csv", "json", "parquet")
 ENGINES = ("duckdb", "polars")

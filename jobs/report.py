@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline import scores_io, storage
-from pipeline.artifact import META
+from pipeline.core.artifact import META
 from pipeline.errors import UsageError
+from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
+from pipeline.score import reader as scores_io
 
 
 def build_parser():

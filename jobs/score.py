@@ -16,19 +16,20 @@ import sys
 import time
 import uuid
 
-from pipeline import publish, storage
-from pipeline.artifact import load_model
-from pipeline.batch_scoring import (
+from pipeline.core.artifact import load_model
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.errors import UsageError, VaepipeError, causes
+from pipeline.io import storage
+from pipeline.io.inputs import preflight, read_dataset
+from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
+from pipeline.score import publish
+from pipeline.score.scorer import (
     FAIL_AFTER_ENV,
     BatchScorer,
     ScoreSettings,
     output_schemas,
     serialize_schema,
 )
-from pipeline.data import preflight, read_dataset
-from pipeline.errors import UsageError, VaepipeError, causes
-from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
-from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from schemas.output_table import SCHEMA_VERSION
 
 log = logging.getLogger("vaepipe.score")

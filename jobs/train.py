@@ -27,17 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.artifact import save_model
-from pipeline.baseline import IndependentBaseline
-from pipeline.data import InputData, preflight
+from pipeline.core.artifact import save_model
+from pipeline.core.baseline import IndependentBaseline
+from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
+from pipeline.core.model import VAE, VAEConfig
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.core.training import TrainConfig
 from pipeline.errors import InputDataError, UsageError, VaepipeError, first_line
-from pipeline.model import VAE, VAEConfig
-from pipeline.preprocess import TableCodec, families_from_json, families_to_json, fit_families
+from pipeline.io import storage
+from pipeline.io.inputs import InputData, preflight
 from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
-from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
-from pipeline.train_data import input_error_in, read_split_rows, split_datasets, statistics_pass
-from pipeline.train_loop import (
+from pipeline.train.data import input_error_in, read_split_rows, split_datasets, statistics_pass
+from pipeline.train.loop import (
     LoopConfig,
     exact_split_config,
     final_weights,
@@ -45,7 +46,6 @@ from pipeline.train_loop import (
     progress_line,
     train_loop_per_worker,
 )
-from pipeline.training import TrainConfig
 from schemas.feature_spec import FeatureSpec, load_spec
 
 log = logging.getLogger("vaepipe.train")

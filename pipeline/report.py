@@ -507,7 +507,7 @@ def input_rows(data_uri: str, id_columns: list[str], ids: list[dict]) -> pa.Tabl
     """The input rows whose ids are in `ids` (for showing the values behind the top anomalies)."""
     import pyarrow.dataset as ds
 
-    from pipeline import storage
+    from pipeline.io import storage
 
     dataset = ds.dataset(storage.list_parquet(data_uri), filesystem=storage.filesystem(data_uri), format="parquet")
     first = id_columns[0]

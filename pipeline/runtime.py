@@ -53,7 +53,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    from pipeline import storage
+    from pipeline.io import storage
 
     try:
         raw = yaml.safe_load(storage.read_text(path)) or {}
@@ -97,7 +97,7 @@ def job_main(
         try:
             args = parse_args(build_parser(), argv)
             if getattr(args, "s3_endpoint", None):
-                from pipeline import storage
+                from pipeline.io import storage
 
                 storage.configure(args.s3_endpoint)
             return int(run(args) or 0)

@@ -166,7 +166,7 @@ def type_compatible(feature: Feature, t: pa.DataType) -> bool:
 
 def load_spec(uri: str) -> FeatureSpec:
     """Load a spec from a YAML file, local or s3://."""
-    from pipeline import storage
+    from pipeline.io import storage
 
     try:
         text = storage.read_text(uri)

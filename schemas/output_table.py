@@ -73,7 +73,7 @@ def _nullable_float(values: np.ndarray) -> pa.Array:
 
 
 def scores_to_table(ids: pa.Table, scores, spec: FeatureSpec, model_id: str, schema: pa.Schema) -> pa.Table:
-    """Assemble one batch of output rows (``scores`` is a :class:`pipeline.scoring.Scores`)."""
+    """Assemble one batch of output rows (``scores`` is a :class:`pipeline.core.scoring.Scores`)."""
     n = ids.num_rows
     dim = scores.latent_mean.shape[1]
     col = scores.column_log_density

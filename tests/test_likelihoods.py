@@ -17,8 +17,8 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from pipeline.likelihoods import Binary, Categorical, Count, Family, Ordinal, Positive, Real
-from pipeline.likelihoods.positive import ZERO_FLOOR
+from pipeline.core.likelihoods import Binary, Categorical, Count, Family, Ordinal, Positive, Real
+from pipeline.core.likelihoods.positive import ZERO_FLOOR
 
 
 @dataclass

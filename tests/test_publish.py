@@ -12,8 +12,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import publish, storage
-from pipeline.batch_scoring import write_table
+from pipeline.io import storage
+from pipeline.score import publish
+from pipeline.score.scorer import write_table
 
 SCHEMA = pa.schema([pa.field("record_id", pa.int64(), nullable=False), ("x", pa.float64())])
 QSCHEMA = pa.schema([("record_id", pa.int64()), ("reason", pa.string()), ("column", pa.string())])

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import query
-from pipeline.scoring import Scores
+from pipeline.core.scoring import Scores
 from schemas.feature_spec import FeatureSpec
 from schemas.output_table import scores_schema, scores_to_table
 

@@ -25,9 +25,9 @@ import pytest
 from conftest import DATA
 
 from jobs import score
-from pipeline import publish
-from pipeline.artifact import load_model
-from pipeline.batch_scoring import FAIL_AFTER_ENV
+from pipeline.core.artifact import load_model
+from pipeline.score import publish
+from pipeline.score.scorer import FAIL_AFTER_ENV
 from schemas.output_table import META_IW_SAMPLES, META_MC_SAMPLES, META_MODEL_ID, META_RUN_ID, META_SCHEMA_VERSION
 
 pytestmark = pytest.mark.slow

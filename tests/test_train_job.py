@@ -19,15 +19,15 @@ import torch
 from conftest import DATA, dataset_spec
 
 from jobs import train
-from pipeline import storage
-from pipeline.artifact import load_model
-from pipeline.data import preflight
-from pipeline.model import VAE, VAEConfig
-from pipeline.preprocess import TableCodec, fit_families, partial_stats
-from pipeline.scoring import score_batch
-from pipeline.train_data import is_validation, statistics_pass
-from pipeline.train_loop import load_state, restore_optimizer, save_state
-from pipeline.training import TrainConfig, make_optimizer, train_step
+from pipeline.core.artifact import load_model
+from pipeline.core.codec import TableCodec, fit_families, partial_stats
+from pipeline.core.model import VAE, VAEConfig
+from pipeline.core.scoring import score_batch
+from pipeline.core.training import TrainConfig, make_optimizer, train_step
+from pipeline.io import storage
+from pipeline.io.inputs import preflight
+from pipeline.train.data import is_validation, statistics_pass
+from pipeline.train.loop import load_state, restore_optimizer, save_state
 
 ADULT = DATA / "adult" / "adult.parquet"
 SMALL = "--latent-dim 4 --hidden 16 16 --batch-size 1024 --kl-warmup-epochs 1 --mc-samples 2 --iw-samples 4"
@@ -165,7 +165,7 @@ def test_two_worker_training_on_adult(adult_model, adult):
     # the artifact reloads and scores identically in a fresh process
     code = (
         "import json, sys, torch, pyarrow.parquet as pq\n"
-        "from pipeline.artifact import load_model\nfrom pipeline.scoring import score_batch\n"
+        "from pipeline.core.artifact import load_model\nfrom pipeline.core.scoring import score_batch\n"
         "torch.set_num_threads(1)\n"
         "art = load_model(sys.argv[1])\n"
         "batch = art.codec.encode(pq.read_table(sys.argv[2]).slice(0, 300))\n"

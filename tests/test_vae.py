@@ -13,13 +13,13 @@ import torch
 from scipy import stats
 from torch.distributions import Normal, kl_divergence
 
-from pipeline import scoring
-from pipeline.artifact import load_model, save_model
-from pipeline.baseline import IndependentBaseline
-from pipeline.model import VAE, VAEConfig, kl_standard_normal
-from pipeline.preprocess import TableCodec, fit_families, partial_stats, record_keys
-from pipeline.scoring import record_noise, score_batch
-from pipeline.training import TrainConfig, fit
+from pipeline.core import scoring
+from pipeline.core.artifact import load_model, save_model
+from pipeline.core.baseline import IndependentBaseline
+from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys
+from pipeline.core.model import VAE, VAEConfig, kl_standard_normal
+from pipeline.core.scoring import record_noise, score_batch
+from pipeline.core.training import TrainConfig, fit
 from schemas.feature_spec import FeatureSpec
 from tests.conftest import DATA, dataset_spec
 

@@ -1,12 +1,12 @@
 """Likelihood families, one per file. ``FAMILIES`` maps a spec type to its family."""
 
-from pipeline.likelihoods.base import EncodedColumn, Family
-from pipeline.likelihoods.binary import Binary
-from pipeline.likelihoods.categorical import Categorical
-from pipeline.likelihoods.count import Count
-from pipeline.likelihoods.ordinal import Ordinal
-from pipeline.likelihoods.positive import Positive
-from pipeline.likelihoods.real import Real
+from pipeline.core.likelihoods.base import EncodedColumn, Family
+from pipeline.core.likelihoods.binary import Binary
+from pipeline.core.likelihoods.categorical import Categorical
+from pipeline.core.likelihoods.count import Count
+from pipeline.core.likelihoods.ordinal import Ordinal
+from pipeline.core.likelihoods.positive import Positive
+from pipeline.core.likelihoods.real import Real
 
 FAMILIES: dict[str, type[Family]] = {
     cls.kind: cls for cls in (Real, Positive, Count, Binary, Categorical, Ordinal)

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.core.likelihoods import FAMILIES, Family, family_from_state
 from pipeline.errors import InputDataError
-from pipeline.likelihoods import FAMILIES, Family, family_from_state
 from schemas.feature_spec import FeatureSpec
 
 # ---- statistics ----------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from pipeline.likelihoods import Family
-from pipeline.likelihoods.base import LOG_2PI
-from pipeline.preprocess import EncodedBatch
+from pipeline.core.codec import EncodedBatch
+from pipeline.core.likelihoods import Family
+from pipeline.core.likelihoods.base import LOG_2PI
 
 
 @dataclass

@@ -54,8 +54,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
 from pipeline.errors import InputDataError, VaepipeError
+from pipeline.io import storage
 
 log = logging.getLogger("vaepipe.publish")
 
@@ -251,7 +251,7 @@ def ensure_one_file(staged_dir: str, files: list[StagedFile], schema: pa.Schema)
     """A partition with no rows still holds one (empty) file with the fixed schema."""
     if files:
         return files
-    from pipeline.batch_scoring import write_table
+    from pipeline.score.scorer import write_table
 
     uri = storage.join(staged_dir, "empty.parquet")
     write_table(uri, schema.empty_table())

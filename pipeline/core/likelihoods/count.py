@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.likelihoods.base import (
+from pipeline.core.likelihoods.base import (
     ENCODER_CLIP,
     EncodedColumn,
     Family,

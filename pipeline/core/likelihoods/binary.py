@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
 from pipeline.errors import InputDataError
-from pipeline.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
 
 LOGIT_BOUND = 20.0
 

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import storage
-from pipeline.artifact import ModelArtifact, load_model
-from pipeline.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.core.artifact import ModelArtifact, load_model
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.io import storage
 from schemas.output_table import (
     META_IW_SAMPLES,
     META_MC_SAMPLES,
@@ -179,7 +179,7 @@ def _quarantine_table(rows: pa.Table, problems: list[tuple[str, str]], spec, sch
 
 def quarantine_file_name(table: pa.Table, id_columns) -> str:
     """A name that depends only on which records the rows are: a retried batch rewrites its own file."""
-    from pipeline.preprocess import record_keys
+    from pipeline.core.codec import record_keys
 
     keys = np.sort(record_keys(table, id_columns))
     digest = hashlib.blake2b(keys.tobytes(), digest_size=12).hexdigest()

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.model import VAE
-from pipeline.preprocess import EncodedBatch
+from pipeline.core.codec import EncodedBatch
+from pipeline.core.model import VAE
 
 
 @dataclass

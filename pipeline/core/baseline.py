@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.likelihoods import Family
-from pipeline.preprocess import EncodedBatch
+from pipeline.core.codec import EncodedBatch
+from pipeline.core.likelihoods import Family
 
 
 class IndependentBaseline(nn.Module):

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import InputData, read_dataset
+from pipeline.core.codec import merge_stats, partial_stats, record_keys, splitmix64
 from pipeline.errors import InputDataError, causes, first_line
-from pipeline.preprocess import merge_stats, partial_stats, record_keys, splitmix64
+from pipeline.io.inputs import InputData, read_dataset
 from schemas.feature_spec import FeatureSpec
 
 # Salt of the split hash: decorrelates the split from anything else derived from record keys.

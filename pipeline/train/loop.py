@@ -7,9 +7,9 @@ Phases per worker (``train_loop_per_worker(config)``, config a plain dict from :
 2. **resume** -- if Ray Train hands back a checkpoint (after a worker failure, or a re-run with
    ``--resume``), restore weights, optimizer, best weights, early-stopping state and the epoch;
 3. **epochs** -- the shard of "train" (``get_dataset_shard``, Arrow batches, local shuffle) encoded
-   with :class:`~pipeline.preprocess.TableCodec`, one :func:`~pipeline.training.train_step` per batch
+   with :class:`~pipeline.core.codec.TableCodec`, one :func:`~pipeline.core.training.train_step` per batch
    (the same step as the in-memory loop); then the shard of "valid" through
-   :func:`~pipeline.training.evaluate`; sums all-reduced across workers, so every worker sees the
+   :func:`~pipeline.core.training.evaluate`; sums all-reduced across workers, so every worker sees the
    same metrics and takes the same early-stopping decision;
 4. **report** -- metrics every epoch, with a checkpoint from rank 0, and one progress line.
 
@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
-from pipeline.model import VAE, VAEConfig
-from pipeline.preprocess import EncodedBatch, TableCodec, families_from_json
-from pipeline.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
+from pipeline.core.codec import EncodedBatch, TableCodec, families_from_json
+from pipeline.core.model import VAE, VAEConfig
+from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
+from pipeline.io import storage
 from schemas.feature_spec import FeatureSpec
 
 STATE_WEIGHTS = "state.safetensors"

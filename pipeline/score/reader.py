@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline import storage
 from pipeline.errors import InputDataError
+from pipeline.io import storage
 
 log = logging.getLogger("vaepipe")
 

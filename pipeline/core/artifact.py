@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline import storage
+from pipeline.core.codec import TableCodec, families_from_json, families_to_json
+from pipeline.core.likelihoods import Family
+from pipeline.core.model import VAE, VAEConfig
 from pipeline.errors import UsageError
-from pipeline.likelihoods import Family
-from pipeline.model import VAE, VAEConfig
-from pipeline.preprocess import TableCodec, families_from_json, families_to_json
+from pipeline.io import storage
 from schemas.feature_spec import FeatureSpec
 
 FORMAT_VERSION = 1
@@ -52,16 +52,21 @@ class ModelArtifact:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import pyarrow
-    import ray
 
     import pipeline
 
+    try:  # read from the installed metadata: the core never imports Ray
+        ray_version = version("ray")
+    except PackageNotFoundError:
+        ray_version = "not installed"
     return {
         "vaepipe": pipeline.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
         "pyarrow": pyarrow.__version__,
     }
 

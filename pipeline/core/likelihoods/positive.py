@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.likelihoods.base import (
+from pipeline.core.likelihoods.base import (
     ENCODER_CLIP,
     EncodedColumn,
     Family,
@@ -32,7 +32,7 @@ from pipeline.likelihoods.base import (
     moments_partial,
     to_float64,
 )
-from pipeline.likelihoods.real import MIN_VAR
+from pipeline.core.likelihoods.real import MIN_VAR
 
 ZERO_FLOOR = 1e-12
 LOGIT_BOUND = 20.0

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import InputDataError
-from pipeline.likelihoods.base import (
+from pipeline.core.likelihoods.base import (
     EncodedColumn,
     Family,
     counts_merge,
@@ -30,6 +29,7 @@ from pipeline.likelihoods.base import (
     log1mexp,
     to_labels,
 )
+from pipeline.errors import InputDataError
 
 THRESHOLD_BOUND = 30.0
 GAP = 1e-4

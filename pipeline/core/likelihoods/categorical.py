@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
 from pipeline.errors import InputDataError
-from pipeline.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
 
 LOGIT_BOUND = 20.0
 MAX_CATEGORIES = 1000

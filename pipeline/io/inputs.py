@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
 from pipeline.errors import InputDataError
+from pipeline.io import storage
 from schemas.feature_spec import FeatureSpec
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.likelihoods.base import LOG_2PI
-from pipeline.model import VAE, kl_standard_normal, log_standard_normal
-from pipeline.preprocess import EncodedBatch, splitmix64
+from pipeline.core.codec import EncodedBatch, splitmix64
+from pipeline.core.likelihoods.base import LOG_2PI
+from pipeline.core.model import VAE, kl_standard_normal, log_standard_normal
 
 DEFAULT_MC_SAMPLES = 16
 DEFAULT_IW_SAMPLES = 64

@@ -1,0 +1,7 @@
+"""Scoring on Ray: the batch scorer class that Ray Data's actors run, the Ray Data pipeline
+(read -> map_batches -> write), reconciliation and atomic publish of a partition, and the reader of
+published partitions.
+
+May import Ray, the model core (``pipeline.core``), ``pipeline.io``, ``pipeline.errors``,
+``pipeline.runtime`` and ``schemas``; never ``pipeline.train`` or ``jobs``.
+"""
