@@ -1,9 +1,23 @@
-"""Errors that map to the contract's exit codes.
+"""Errors that map to the contract's exit codes, and the one walk from any failure to them.
 
 0 success; 2 bad usage or config; 3 invalid input data; 1 any other failure.
+
+A failure raised in a Ray Data task or a Ray Train worker reaches the driver wrapped by Ray
+(``RayTaskError`` keeps the original exception as ``.cause``; Ray Train and Ray Data chain theirs
+with ``raise ... from``): :func:`causes` walks that chain, :func:`vaepipe_error_in` finds the
+:class:`VaepipeError` in it and :func:`root_message` names the exception that started it.
+``pipeline.runtime.job_main`` turns either into the exit code and a one-line message.
+
+:class:`FailureHook` is the test-only failure injection shared by the train and score jobs.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FAIL_AT_ENV = "VAEPIPE_TEST_FAIL_AT"
 
 
 class VaepipeError(Exception):
@@ -46,3 +60,60 @@ def first_line(e: BaseException, limit: int = 500) -> str:
     """The first non-blank line of an exception's message, capped at `limit` characters."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[0][:limit] if lines else ""
+
+
+def vaepipe_error_in(e: BaseException) -> VaepipeError | None:
+    """The first :class:`VaepipeError` in the exception's cause chain, wherever Ray wrapped it."""
+    return next((c for c in causes(e, follow_context=True) if isinstance(c, VaepipeError)), None)
+
+
+def root_message(e: BaseException) -> str:
+    """``Type: first line`` of the exception that started the failure (the end of its cause chain)."""
+    root = list(causes(e))[-1]
+    name = type(root).__name__
+    cause = getattr(root, "cause", None)  # Ray's dynamic "RayTaskError(T)" class: name T itself
+    if name.startswith("RayTaskError(") and name.endswith(")"):
+        name = name[len("RayTaskError(") : -1]
+    return f"{type(cause).__name__ if isinstance(cause, BaseException) else name}: {first_line(root)}"
+
+
+# ---- the test-only failure hook --------------------------------------------------------------------
+class InjectedFailure(RuntimeError):
+    """Raised by the test-only failure hook."""
+
+
+@dataclass(frozen=True)
+class FailureHook:
+    """Test-only failure injection, set by ``VAEPIPE_TEST_FAIL_AT="N [M ...]"``: each scoring actor
+    raises when it starts its batch N (a failed batch does not count, so it keeps failing there); the
+    last training worker raises at the start of epoch N, once per ``marker`` (a file ``MARKER.N``
+    records that it fired).
+    Crosses to Ray as a plain dict."""
+
+    at: tuple[int, ...] = ()
+    marker: str | None = None
+
+    @classmethod
+    def from_env(cls, marker: str | None = None) -> FailureHook:
+        return cls(tuple(int(v) for v in os.environ.get(FAIL_AT_ENV, "").split()), marker)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> FailureHook:
+        d = d or {}
+        return cls(tuple(d.get("at", ())), d.get("marker"))
+
+    def check(self, step: int, what: str) -> None:
+        """Raise :class:`InjectedFailure` at ``step`` when asked to (``what``: "batch", "epoch")."""
+        if step not in self.at:
+            return
+        if self.marker is not None:
+            from pipeline.io import storage
+
+            marker = f"{self.marker}.{step}"
+            if storage.exists(marker):
+                return
+            storage.write_text(marker, f"failure injected at {what} {step}\n")
+        raise InjectedFailure(f"{FAIL_AT_ENV}: failing at the start of {what} {step}")

@@ -12,13 +12,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import UsageError, VaepipeError
+from pipeline.errors import UsageError, root_message, vaepipe_error_in
 
 log = logging.getLogger("vaepipe")
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +82,12 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     return out
 
 
+def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """A job's typed run configuration: the dataclass ``cls`` with each field taken from the flag of
+    the same name."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=os.environ.get("VAEPIPE_LOG_LEVEL", level),
@@ -90,7 +99,11 @@ def setup_logging(level: str = "INFO") -> None:
 def job_main(
     build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int | None]
 ) -> Callable[[Sequence[str] | None], int]:
-    """Wrap a job: parse (config + flags), run, map errors to the contract's exit codes."""
+    """Wrap a job: parse (config + flags), run, map errors to the contract's exit codes.
+
+    Every failure ends here: a :class:`VaepipeError` anywhere in the exception's cause chain (raised
+    in the driver, a Ray Data task or a Ray Train worker) gives its exit code and message; anything
+    else exits 1 with the root cause's type and first line (the traceback is logged at DEBUG)."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
@@ -101,12 +114,17 @@ def job_main(
 
                 storage.configure(args.s3_endpoint)
             return int(run(args) or 0)
-        except VaepipeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except Exception as e:
+            err = vaepipe_error_in(e)
+            if err is None:
+                log.debug("unexpected failure", exc_info=True)
+                print(f"error: {root_message(e)}", file=sys.stderr)
+                return 1
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
 
     return main
 
@@ -114,7 +132,11 @@ def job_main(
 def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
     """Join RAY_ADDRESS / --ray-address when given, else start (or reuse) a local Ray instance."""
     import ray
+    import ray.data
 
+    # a failed Ray Data task raises the task's own exception (as the ``.cause`` of Ray's wrapper),
+    # not Ray Data's generic UserCodeException: pipeline.errors walks that chain to the exit code
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

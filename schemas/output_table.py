@@ -1,7 +1,15 @@
-"""The scores table: its Arrow schema as a function of the spec and latent dimension, in one place.
+"""The scores table, in one place: its directory layout and its Arrow schema.
 
-See CONTRACT.md, "The scores table". Every writer hands :func:`scores_schema` to the Parquet writer
-so no batch can drift its types; :func:`scores_to_table` builds a batch of rows in exactly that schema.
+Layout (``OUTPUT`` local or ``s3://``; every name below is defined here and used from here)::
+
+    OUTPUT/dt=YYYY-MM-DD/part-NNNNN-<run_id>.parquet   the scores table (PARTITION_KEY=run date)
+    OUTPUT/dt=YYYY-MM-DD/_manifest.json, _SUCCESS      MANIFEST and SUCCESS, written after the data files
+    OUTPUT/_quarantine/dt=YYYY-MM-DD/...               QUARANTINE: rows that could not be scored
+    OUTPUT/_staging/<run_id>/                          STAGING: a run's work in progress
+
+Schema: see the README, "The scores table". Every writer hands :func:`scores_schema` to the Parquet
+writer so no batch can drift its types; :func:`scores_to_table` builds a batch of rows in exactly
+that schema. Files are written with :data:`PARQUET_COMPRESSION` and :data:`ROW_GROUP_ROWS`.
 """
 
 from __future__ import annotations
@@ -23,17 +31,44 @@ META_MC_SAMPLES = b"vaepipe.mc_samples"
 META_IW_SAMPLES = b"vaepipe.iw_samples"
 META_SEED = b"vaepipe.seed"
 
-SCORE_COLUMNS = (
-    "latent_mean",
-    "latent_var",
-    "recon_log_density",
-    "kl",
-    "elbo",
-    "log_marginal",
-    "column_log_density",
-    "n_observed",
-    "model_id",
-)
+# ---- layout ----------------------------------------------------------------------------------------
+PARTITION_KEY = "dt"  # hive partitioning: OUTPUT/dt=YYYY-MM-DD
+SUCCESS = "_SUCCESS"  # a partition's commit marker
+MANIFEST = "_manifest.json"  # the run's record, listing the partition's data files
+QUARANTINE = "_quarantine"  # OUTPUT/_quarantine/dt=YYYY-MM-DD: rows that could not be scored
+STAGING = "_staging"  # OUTPUT/_staging/<run_id>: a run's files before publish
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group, in every file vaepipe writes
+PARQUET_COMPRESSION = "zstd"
+
+
+def partition_name(run_date: str) -> str:
+    """``dt=YYYY-MM-DD``: the directory of one run date's partition."""
+    return f"{PARTITION_KEY}={run_date}"
+
+
+def partition_date(name: str) -> str | None:
+    """The run date of a partition directory name, None for any other name."""
+    prefix = f"{PARTITION_KEY}="
+    return name[len(prefix) :] if name.startswith(prefix) else None
+
+
+def partition_uri(output: str, run_date: str) -> str:
+    from pipeline.io import storage
+
+    return storage.join(output, partition_name(run_date))
+
+
+def quarantine_partition_uri(output: str, run_date: str) -> str:
+    from pipeline.io import storage
+
+    return storage.join(output, QUARANTINE, partition_name(run_date))
+
+
+def staging_uri(output: str, run_id: str) -> str:
+    from pipeline.io import storage
+
+    return storage.join(output, STAGING, run_id)
+
 
 
 def scores_schema(

@@ -26,8 +26,8 @@ from conftest import DATA
 
 from jobs import score
 from pipeline.core.artifact import load_model
+from pipeline.errors import FAIL_AT_ENV
 from pipeline.score import publish
-from pipeline.score.scorer import FAIL_AFTER_ENV
 from schemas.output_table import META_IW_SAMPLES, META_MC_SAMPLES, META_MODEL_ID, META_RUN_ID, META_SCHEMA_VERSION
 
 pytestmark = pytest.mark.slow
@@ -306,7 +306,7 @@ def test_failure_mid_run_publishes_nothing_and_keeps_previous_partition(
     assert sum(p.endswith(".parquet") for p in before) >= 2
     # the re-run dies in the middle: each actor raises when it starts its second batch, after some
     # batches were scored (and quarantined rows staged); 4 batches of 128 rows over 2 actors
-    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    monkeypatch.setenv(FAIL_AT_ENV, "1")
     assert run_score(data, model_dir, out, "--workers", "2", "--batch-size", "128", "--rows-per-file", "128") == 1
     err = capsys.readouterr().err
     assert "scoring failed, nothing published: InjectedFailure" in err

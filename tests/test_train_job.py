@@ -24,6 +24,7 @@ from pipeline.core.codec import TableCodec, fit_families, partial_stats
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.scoring import score_batch
 from pipeline.core.training import TrainConfig, make_optimizer, train_step
+from pipeline.errors import FAIL_AT_ENV
 from pipeline.io import storage
 from pipeline.io.inputs import preflight
 from pipeline.train.data import is_validation, statistics_pass
@@ -188,11 +189,12 @@ def test_two_worker_training_on_adult(adult_model, adult):
     np.testing.assert_array_equal(np.array(fresh["lm"]), here.log_marginal)
 
 
-def test_worker_failure_resumes_from_the_checkpoint(adult, spec_file, tmp_path, ray_local, capsys):
+def test_worker_failure_resumes_from_the_checkpoint(adult, spec_file, tmp_path, ray_local, capsys, monkeypatch):
     data = write_shards(adult.slice(0, 8000), tmp_path / "data", 2)
     model_dir = tmp_path / "model"
     base = ["--data", str(data), "--spec", spec_file, "--model-dir", str(model_dir), "--workers", "2"]
-    base += ["--epochs", "3", *SMALL.split(), "--inject-failure-at-epoch", "1", "2"]
+    base += ["--epochs", "3", *SMALL.split()]
+    monkeypatch.setenv(FAIL_AT_ENV, "1 2")  # the last worker fails at the start of epochs 1 and 2, once each
 
     # 1. no retries allowed: the run dies at the start of epoch 1, after epoch 0's checkpoint
     rc = train.main([*base, "--max-failures", "0"])

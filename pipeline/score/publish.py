@@ -1,11 +1,7 @@
 """Publishing a run's output: stage, check, then replace the date partition whole.
 
-Layout (``OUTPUT`` local or ``s3://``)::
-
-    OUTPUT/dt=YYYY-MM-DD/part-NNNNN-<run_id>.parquet   the scores table
-    OUTPUT/dt=YYYY-MM-DD/_manifest.json, _SUCCESS      written after the data files
-    OUTPUT/_quarantine/dt=YYYY-MM-DD/...               rows that could not be scored (same protocol)
-    OUTPUT/_staging/<run_id>/                          this run's work in progress, deleted at the end
+The table's layout (``dt=``, ``_SUCCESS``, ``_manifest.json``, ``_quarantine``, ``_staging``) is
+defined in :mod:`schemas.output_table`.
 
 Protocol:
 
@@ -56,25 +52,21 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputDataError, VaepipeError
 from pipeline.io import storage
+from schemas.output_table import (
+    MANIFEST,
+    STAGING,
+    SUCCESS,
+    partition_uri,
+    quarantine_partition_uri,
+    staging_uri,
+)
 
 log = logging.getLogger("vaepipe.publish")
 
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
-STAGING = "_staging"
-QUARANTINE = "_quarantine"
 
 
 class ReconciliationError(VaepipeError):
     """The staged output does not account for every input row exactly once (exit code 1)."""
-
-
-def partition_uri(output: str, run_date: str) -> str:
-    return storage.join(output, f"dt={run_date}")
-
-
-def quarantine_partition_uri(output: str, run_date: str) -> str:
-    return storage.join(output, QUARANTINE, f"dt={run_date}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ class Staging:
 
     @property
     def root(self) -> str:
-        return storage.join(self.output, STAGING, self.run_id)
+        return staging_uri(self.output, self.run_id)
 
     @property
     def scores(self) -> str:

@@ -18,12 +18,10 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import InputDataError
 from pipeline.io import storage
+from schemas.output_table import MANIFEST, PARTITION_KEY, SUCCESS, partition_date, partition_name
 
 log = logging.getLogger("vaepipe")
 
-PARTITION = "dt"
-SUCCESS = "_SUCCESS"
-MANIFEST = "_manifest.json"
 
 
 def partitions(uri: str) -> list[str]:
@@ -35,14 +33,15 @@ def partitions(uri: str) -> list[str]:
     dates = []
     for entry in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False)):
         name = posixpath.basename(entry.path)
-        if entry.type != pafs.FileType.Directory or not name.startswith(f"{PARTITION}="):
+        date = partition_date(name)
+        if entry.type != pafs.FileType.Directory or date is None:
             continue
         if loc.fs.get_file_info(posixpath.join(entry.path, SUCCESS)).type == pafs.FileType.NotFound:
             log.warning(
                 "skipping %s: no %s (a run is writing it, or one failed)", storage.to_uri(uri, entry.path), SUCCESS
             )
             continue
-        dates.append(name.split("=", 1)[1])
+        dates.append(date)
     return sorted(dates)
 
 
@@ -55,9 +54,9 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
             raise InputDataError(f"no published partition for run date(s) {', '.join(missing)}", file=uri)
         published = [d for d in published if d in set(run_dates)]
     if not published:
-        raise InputDataError("no published partitions (dt=YYYY-MM-DD with _SUCCESS)", file=uri)
+        raise InputDataError(f"no published partitions ({partition_name('YYYY-MM-DD')} with {SUCCESS})", file=uri)
     loc = storage.locate(uri)
-    roots = [posixpath.join(loc.path, f"{PARTITION}={d}") for d in published]
+    roots = [posixpath.join(loc.path, partition_name(d)) for d in published]
     files = []
     for root in roots:
         listed = _manifest_files(loc.fs, root)
@@ -74,7 +73,7 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
         )
     if not files:
         raise InputDataError("published partitions hold no Parquet files", file=uri)
-    partitioning = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+    partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
     return ds.dataset(
         files, filesystem=loc.fs, format="parquet", partitioning=partitioning, partition_base_dir=loc.path
     )

@@ -29,6 +29,7 @@ import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.errors import FailureHook
 from pipeline.io import storage
 from schemas.output_table import (
     META_IW_SAMPLES,
@@ -37,6 +38,8 @@ from schemas.output_table import (
     META_RUN_ID,
     META_SCHEMA_VERSION,
     META_SEED,
+    PARQUET_COMPRESSION,
+    ROW_GROUP_ROWS,
     SCHEMA_VERSION,
     quarantine_schema,
     scores_schema,
@@ -44,14 +47,6 @@ from schemas.output_table import (
 )
 
 NULL_ID_REASON = "null id"
-PARQUET_COMPRESSION = "zstd"
-# Test-only failure injection: the job copies this environment variable into the settings, and each
-# scorer actor raises after scoring that many batches.
-FAIL_AFTER_ENV = "VAEPIPE_TEST_FAIL_AFTER_BATCHES"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the scorer when the test-only failure injection fires."""
 
 
 @dataclass
@@ -65,7 +60,7 @@ class ScoreSettings:
     seed: int = 0  # noise seed (with each record's key)
     device: str = "cpu"
     s3_endpoint: str | None = None
-    fail_after_batches: int | None = None  # test-only failure injection
+    failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +181,7 @@ def quarantine_file_name(table: pa.Table, id_columns) -> str:
     return f"quarantine-{digest}.parquet"
 
 
-def write_table(uri: str, table: pa.Table, row_group_size: int = 65536) -> None:
+def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS) -> None:
     """One Parquet file in the table's own schema (metadata included), zstd."""
     loc = storage.locate(uri)
     parent = loc.path.rsplit("/", 1)[0]
@@ -206,11 +201,11 @@ class BatchScorer:
         self.artifact = load_model(self.settings.model_dir, device=self.settings.device)
         self.scores_schema, self.quarantine_schema = output_schemas(self.artifact, self.settings)
         self.batches = 0
+        self.failure_hook = FailureHook.from_dict(self.settings.failure_hook)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.settings
-        if s.fail_after_batches is not None and self.batches >= s.fail_after_batches:
-            raise InjectedFailure(f"{FAIL_AFTER_ENV}={s.fail_after_batches}: failing after {self.batches} batches")
+        self.failure_hook.check(self.batches, "batch")
         with torch.inference_mode():
             scored, quarantined = split_and_score(
                 self.artifact, batch, self.scores_schema, self.quarantine_schema, s.mc_samples, s.iw_samples, s.seed

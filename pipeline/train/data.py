@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.codec import merge_stats, partial_stats, record_keys, splitmix64
-from pipeline.errors import InputDataError, causes, first_line
+from pipeline.errors import InputDataError, root_message, vaepipe_error_in
 from pipeline.io.inputs import InputData, read_dataset
 from schemas.feature_spec import FeatureSpec
 
@@ -120,15 +120,11 @@ def statistics_pass(data: InputData, spec: FeatureSpec, val_fraction: float) -> 
     except InputDataError:
         raise
     except Exception as e:  # a page that the footer check could not see: name the input
-        cause = input_error_in(e)
-        if cause is not None:
+        cause = vaepipe_error_in(e)
+        if isinstance(cause, InputDataError):
             raise cause from e
-        raise InputDataError(f"cannot read the input data ({type(e).__name__}: {first_line(e)})", file=data.uri) from e
+        raise InputDataError(f"cannot read the input data ({root_message(e)})", file=data.uri) from e
     if total is None or total["_rows"] == 0:
         raise InputDataError("the input has no rows", file=data.uri)
     return DataStats(total, int(total["_rows"]), val_rows)
 
-
-def input_error_in(e: BaseException) -> InputDataError | None:
-    """The InputDataError a worker raised, wherever Ray wrapped it."""
-    return next((c for c in causes(e, follow_context=True) if isinstance(c, InputDataError)), None)

@@ -20,6 +20,7 @@ A checkpoint is a directory of two files, nothing to unpickle:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 from pipeline.core.codec import EncodedBatch, TableCodec, families_from_json
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
-from pipeline.io import storage
+from pipeline.errors import FailureHook
 from schemas.feature_spec import FeatureSpec
 
 STATE_WEIGHTS = "state.safetensors"
@@ -52,16 +53,10 @@ class LoopConfig:
     use_gpu: bool = False
     bf16: bool = False  # bfloat16 autocast of the networks (GPU only)
     threads: int = 1  # torch threads per worker (its CPUs)
-    fail_at_epochs: list[int] = field(default_factory=list)  # test hook: a worker raises at the start of
-    fail_marker: str | None = None  # each of these epochs, once: unless FAIL_MARKER.EPOCH exists
-    extra: dict = field(default_factory=dict)
+    failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the test-only failure hook."""
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -212,6 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = LoopConfig(**config)
     tcfg = TrainConfig(**cfg.train)
+    hook = FailureHook.from_dict(cfg.failure_hook)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -254,16 +250,14 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, tcfg.epochs):
         if stopped:
             break
-        if epoch in cfg.fail_at_epochs and rank == world - 1:
-            marker = f"{cfg.fail_marker}.{epoch}"
-            if not storage.exists(marker):
-                storage.write_text(marker, f"failure injected at epoch {epoch}\n")
-                raise InjectedFailure(f"test hook: worker {rank} fails at the start of epoch {epoch}")
+        if rank == world - 1:
+            hook.check(epoch, "epoch")
 
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
         n = recon = kl = invalid = 0.0
         t0 = time.perf_counter()
-        join = wrapped.join() if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else _nullcontext()
+        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        join = wrapped.join() if ddp else contextlib.nullcontext()
         with join:
             for table in train_shard.iter_batches(
                 batch_size=tcfg.batch_size,
@@ -330,14 +324,6 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def progress_line(row: dict, epochs: int) -> str:

@@ -1,0 +1,192 @@
+"""The scoring run: what ``vaepipe score`` does beyond its flags.
+
+Phases: **setup** (load the model, pre-flight every input file, read the input ids), **score**
+(read_parquet -> map_batches(:class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
+``OUTPUT/_staging/<run_id>/``), **check** (reconcile the staged rows and ids against the input),
+**publish** (replace ``OUTPUT/dt=RUN_DATE`` and its quarantine partition; the guarantee is in
+:mod:`pipeline.score.publish`), **cleanup** (delete the staging directory, whatever happened).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from pipeline.core.artifact import load_model
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.errors import FailureHook, UsageError, VaepipeError, root_message, vaepipe_error_in
+from pipeline.io import storage
+from pipeline.io.inputs import preflight, read_dataset
+from pipeline.runtime import init_ray
+from pipeline.score import publish
+from pipeline.score.publish import Published, Reconciliation
+from pipeline.score.scorer import BatchScorer, ScoreSettings, output_schemas, serialize_schema
+from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VERSION, partition_uri
+
+log = logging.getLogger("vaepipe.score")
+
+DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
+
+
+class ScoringFailed(VaepipeError):
+    """Scoring or writing failed: nothing was published (exit code 1)."""
+
+
+@dataclass
+class ScoreOptions:
+    """One scoring run's configuration (the ``vaepipe score`` flags)."""
+
+    data: str
+    model_dir: str
+    output: str
+    run_date: str | None = None  # YYYY-MM-DD; None: today (UTC)
+    mc_samples: int = DEFAULT_MC_SAMPLES
+    iw_samples: int = DEFAULT_IW_SAMPLES
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    batch_size: int = 4096
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    seed: int = 0
+    ray_address: str | None = None
+
+    def validate(self) -> str:
+        """Check the options; returns the run date."""
+        lows = {"mc_samples": 1, "iw_samples": 0, "workers": 1, "batch_size": 1, "rows_per_file": 1}
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise UsageError("--gpus-per-worker must be >= 0")
+        run_date = self.run_date or dt.datetime.now(dt.UTC).date().isoformat()
+        try:
+            if dt.date.fromisoformat(str(run_date)).isoformat() != str(run_date):
+                raise ValueError
+        except ValueError as e:
+            raise UsageError(f"--run-date must be YYYY-MM-DD, got {run_date!r}") from e
+        return str(run_date)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    run_id: str
+    model_id: str
+    input_rows: int
+    seconds: float
+    reconciliation: Reconciliation
+    published: Published
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def run_scoring(opts: ScoreOptions) -> ScoreResult:
+    """The whole scoring run (see the module docstring); nothing is published unless every row is
+    accounted for, and the staging directory is deleted whatever happens."""
+    # ---- setup: everything that can refuse the job before any work starts -----------------------------
+    run_date = opts.validate()
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    artifact = load_model(opts.model_dir)
+    spec = artifact.spec
+    data = preflight(opts.data, spec)
+    ids_in = publish.input_ids(data, spec.id_columns)
+    run_id = new_run_id()
+    settings = ScoreSettings(
+        model_dir=opts.model_dir,
+        run_id=run_id,
+        input_schema=serialize_schema(data.schema),
+        mc_samples=opts.mc_samples,
+        iw_samples=opts.iw_samples,
+        seed=opts.seed,
+        device="cuda" if opts.gpus_per_worker > 0 else "cpu",
+        s3_endpoint=storage.s3_endpoint(),
+        failure_hook=FailureHook.from_env().to_dict(),
+        extra_metadata={"run_date": run_date},
+    )
+    staging = publish.Staging(opts.output, run_id)
+    settings.quarantine_dir = staging.quarantine
+    scores_schema, quarantine_schema = output_schemas(artifact, settings)
+    log.info(
+        "run %s: scoring %d rows in %d files with model %s into %s",
+        run_id, data.rows, len(data.files), artifact.model_id, partition_uri(opts.output, run_date),
+    )  # fmt: skip
+
+    from ray.data import ActorPoolStrategy
+
+    # a local instance gets a logical CPU beyond the actors, for the read and write tasks
+    init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers + 1))
+    _check_capacity(opts)
+    try:
+        # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
+        ds = read_dataset(data, spec)
+        if len(data.files) < 2 * opts.workers:
+            # few input files (perhaps one row group each): split their blocks (streaming, no
+            # shuffle) so that every actor gets work
+            per_block = max(opts.batch_size, -(-data.rows // (2 * opts.workers)))
+            ds = ds.repartition(target_num_rows_per_block=per_block)
+        resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
+        ds = ds.map_batches(
+            BatchScorer,
+            fn_constructor_kwargs={"settings": settings.to_dict()},
+            batch_size=opts.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=opts.workers),
+            **resources,
+        )
+        out = storage.locate(staging.scores)
+        ds.write_parquet(
+            out.path,
+            filesystem=out.fs,
+            schema=scores_schema,
+            compression=PARQUET_COMPRESSION,
+            row_group_size=ROW_GROUP_ROWS,
+            min_rows_per_file=opts.rows_per_file,
+        )
+        # ---- check, then publish ------------------------------------------------------------------
+        rec = publish.reconcile(staging, ids_in, spec.id_columns)
+        finished = dt.datetime.now(dt.UTC)
+        manifest = {
+            "run_id": run_id,
+            "run_date": run_date,
+            "model_id": artifact.model_id,
+            "model_dir": opts.model_dir,
+            "schema_version": SCHEMA_VERSION,
+            "mc_samples": opts.mc_samples,
+            "iw_samples": opts.iw_samples,
+            "seed": opts.seed,
+            "input": data.uri,
+            "input_files": [{"file": f.uri, "rows": f.rows} for f in data.files],
+            "input_rows": data.rows,
+            "scored_rows": rec.scored_rows,
+            "quarantined_rows": rec.quarantined_rows,
+            "started_at": started.isoformat(),
+            "finished_at": finished.isoformat(),
+        }
+        published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
+    except VaepipeError:
+        raise
+    except Exception as e:
+        cause = vaepipe_error_in(e)
+        if cause is not None:
+            raise cause from e
+        log.debug("scoring failed", exc_info=True)
+        raise ScoringFailed(f"scoring failed, nothing published: {root_message(e)}") from e
+    finally:
+        staging.discard()
+    return ScoreResult(run_id, artifact.model_id, data.rows, time.perf_counter() - t0, rec, published)
+
+
+def _check_capacity(opts: ScoreOptions) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if opts.gpus_per_worker == 0 and cpus < opts.workers + 1:
+        log.warning(
+            "the Ray cluster has %s CPUs: %d scoring actors leave none for reading and writing; "
+            "the job waits until more join (use fewer --workers)", cpus, opts.workers,
+        )  # fmt: skip

@@ -1,0 +1,316 @@
+"""The training run: what ``vaepipe train`` does beyond its flags.
+
+Phases: **setup** (spec, pre-flight of every shard's footer: a bad file ends the job with exit 3
+before anything is written), **statistics** (a streaming Ray Data pass over every row; skipped on
+``resume``, which reuses the recorded ones), **train** (TorchTrainer, ``workers`` data-parallel
+workers, a checkpoint every epoch), **save** (the best epoch's weights, the reference distribution
+of validation elbo and log_marginal, the independent-columns baseline, then model.json last).
+
+Checkpoints live in ``checkpoint_dir`` (default ``MODEL_DIR/_checkpoints``; a leading underscore
+marks it as not part of the artifact) together with ``run.json``, the run's recorded configuration
+and statistics. A successful run removes them (``keep_checkpoints`` keeps them); a failed run
+leaves them, and the same command with ``--resume`` continues from the last completed epoch. Within
+one run, Ray Train restarts failed workers from the last checkpoint up to ``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.artifact import save_model
+from pipeline.core.baseline import IndependentBaseline
+from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
+from pipeline.core.model import VAE, VAEConfig
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.core.training import TrainConfig
+from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
+from pipeline.io import storage
+from pipeline.io.inputs import InputData, preflight
+from pipeline.runtime import init_ray
+from pipeline.train.data import read_split_rows, split_datasets, statistics_pass
+from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state, progress_line
+from schemas.feature_spec import FeatureSpec, load_spec
+
+log = logging.getLogger("vaepipe.train")
+
+CHECKPOINTS = "_checkpoints"  # default checkpoint directory inside MODEL_DIR (not part of the artifact)
+RUN_META = "run.json"
+RUN_NAME = "train"  # the Ray Train run inside the checkpoint directory
+FAILURE_MARKER = "injected_failure"  # the test-only failure hook's once-per-epoch markers
+REFERENCE_QUANTILES = np.linspace(0.0, 1.0, 1001)  # 0.1% steps
+BASELINE_STEPS = 300  # Adam steps of the independent-columns baseline (free constants: converges fast)
+
+_M, _T = VAEConfig(), TrainConfig()
+
+
+class TrainingFailed(VaepipeError):
+    exit_code = 1
+
+
+@dataclass
+class TrainOptions:
+    """One training run's configuration (the ``vaepipe train`` flags)."""
+
+    data: str
+    spec: str
+    model_dir: str
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    bf16: bool = False
+    max_failures: int = 2
+    latent_dim: int = _M.latent_dim
+    hidden: list[int] = field(default_factory=lambda: list(_M.hidden))
+    epochs: int = _T.epochs
+    batch_size: int = _T.batch_size
+    lr: float = _T.lr
+    weight_decay: float = _T.weight_decay
+    kl_warmup_epochs: int = _T.kl_warmup_epochs
+    grad_clip: float = _T.grad_clip
+    patience: int = _T.patience
+    seed: int = _T.seed
+    val_fraction: float = 0.1
+    shuffle_buffer: int = 10_000
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    keep_checkpoints: bool = False
+    reference_rows: int = 10_000
+    mc_samples: int = DEFAULT_MC_SAMPLES
+    iw_samples: int = DEFAULT_IW_SAMPLES
+    baseline_rows: int = 5_000
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        positive = ("workers", "cpus_per_worker", "latent_dim", "epochs", "batch_size", "reference_rows", "mc_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows")
+        for name in (*non_negative, "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError("--val-fraction must be between 0 and 1 (exclusive)")
+        if any(h < 1 for h in self.hidden):
+            raise UsageError("--hidden widths must be at least 1")
+        if self.bf16 and self.gpus_per_worker == 0:
+            raise UsageError("--bf16 needs GPU workers (--gpus-per-worker > 0)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_id: str
+    model_dir: str
+
+
+# ---- phases --------------------------------------------------------------------------------------
+def setup(opts: TrainOptions) -> tuple[TrainOptions, FeatureSpec, InputData, str]:
+    opts.validate()
+    spec = load_spec(opts.spec)
+    data = preflight(opts.data, spec)
+    if not storage.is_s3(opts.model_dir):  # Ray Train's storage wants absolute local paths
+        opts = replace(opts, model_dir=os.path.abspath(opts.model_dir))
+    ckpt_dir = opts.checkpoint_dir or storage.join(opts.model_dir, CHECKPOINTS)
+    if not storage.is_s3(ckpt_dir):
+        ckpt_dir = os.path.abspath(ckpt_dir)
+    log.info("input: %d file(s), %d rows", len(data.files), data.rows)
+    return opts, spec, data, ckpt_dir
+
+
+def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str, Any]:
+    """Statistics pass and fitted families: the run's recorded configuration (run.json)."""
+    t0 = time.perf_counter()
+    ds = statistics_pass(data, spec, opts.val_fraction)
+    families = fit_families(spec, ds.stats)
+    log.info("statistics pass: %d rows (%d validation) in %.1fs", ds.rows, ds.val_rows, time.perf_counter() - t0)
+    if ds.train_rows == 0 or ds.val_rows == 0:
+        raise InputDataError(
+            f"the split leaves {ds.train_rows} training and {ds.val_rows} validation rows; "
+            "use more data or another --val-fraction",
+            file=data.uri,
+        )
+    train = TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        weight_decay=opts.weight_decay,
+        kl_warmup_epochs=opts.kl_warmup_epochs,
+        grad_clip=opts.grad_clip,
+        patience=opts.patience,
+        seed=opts.seed,
+    )
+    return {
+        "spec": spec.to_dict(),
+        "statistics": ds.stats,
+        "families": families_to_json(families),
+        "model_config": VAEConfig(latent_dim=opts.latent_dim, hidden=tuple(opts.hidden)).to_dict(),
+        "train_config": asdict(train),
+        "val_fraction": opts.val_fraction,
+        "shuffle_buffer": opts.shuffle_buffer,
+        "data": {"uri": data.uri, "files": data.fingerprint(), "rows": ds.rows, "val_rows": ds.val_rows},
+    }
+
+
+def recorded_run(ckpt_dir: str, data: InputData) -> dict[str, Any]:
+    try:
+        run = json.loads(storage.read_text(storage.join(ckpt_dir, RUN_META)))
+    except FileNotFoundError as e:
+        raise UsageError(f"--resume: no interrupted run in {ckpt_dir} ({RUN_META} not found)") from e
+    if run["data"]["files"] != data.fingerprint():
+        raise UsageError(f"--resume: the input files differ from those of the run in {ckpt_dir}")
+    return run
+
+
+def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: FeatureSpec, ckpt_dir: str) -> dict:
+    """TorchTrainer over the train/valid split; returns the last checkpoint's (tensors, meta)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    train_ds, valid_ds = split_datasets(data, spec, run["val_fraction"])
+    loop = LoopConfig(
+        spec=run["spec"],
+        families=run["families"],
+        model=run["model_config"],
+        train=run["train_config"],
+        shuffle_buffer=run["shuffle_buffer"],
+        use_gpu=opts.gpus_per_worker > 0,
+        bf16=opts.bf16,
+        threads=opts.cpus_per_worker,
+        failure_hook=FailureHook.from_env(marker=storage.join(ckpt_dir, FAILURE_MARKER)).to_dict(),
+    )
+    resources = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker} if opts.gpus_per_worker else {})
+    kwargs: dict[str, Any] = {"storage_path": ckpt_dir}
+    if storage.is_s3(ckpt_dir):
+        kwargs = {"storage_path": storage.fs_path(ckpt_dir), "storage_filesystem": storage.filesystem(ckpt_dir)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            **kwargs,
+        ),
+        datasets={"train": train_ds, "valid": valid_ds},
+        dataset_config=exact_split_config(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train's TrainingFailedError and friends
+        for failure in [e, *getattr(e, "worker_failures", {}).values()]:
+            cause = vaepipe_error_in(failure)
+            if isinstance(cause, InputDataError):  # a value no footer check could see: still bad input, exit 3
+                raise InputDataError(f"{cause} (checkpoints kept in {ckpt_dir})") from e
+        raise TrainingFailed(
+            f"training failed ({root_message(e)}); the checkpoints are kept in {ckpt_dir}: "
+            "run the same command with --resume to continue"
+        ) from e
+    if result.checkpoint is None:
+        raise TrainingFailed("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        tensors, meta = load_state(d)
+    return {"tensors": tensors, "meta": meta}
+
+
+def reference(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, model: VAE) -> tuple[dict, dict]:
+    """Reference distribution of validation elbo / log_marginal, and the independent baseline."""
+    codec = TableCodec(spec, model.families)
+    valid = codec.encode(read_split_rows(data, spec, run["val_fraction"], True, opts.reference_rows))
+    scores = score_batch(model, valid, opts.mc_samples, opts.iw_samples, seed=run["train_config"]["seed"])
+    ref: dict[str, Any] = {
+        "rows": len(valid),
+        "mc_samples": opts.mc_samples,
+        "iw_samples": opts.iw_samples,
+        "quantile_probs": REFERENCE_QUANTILES.round(4).tolist(),
+    }
+    for name, values in (("elbo", scores.elbo), ("log_marginal", scores.log_marginal)):
+        if values is None:
+            continue
+        ref[name] = {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "quantiles": np.quantile(values, REFERENCE_QUANTILES).tolist(),
+        }
+    baseline_train = codec.encode(read_split_rows(data, spec, run["val_fraction"], False, opts.baseline_rows))
+    base = IndependentBaseline(model.families).fit(baseline_train, steps=BASELINE_STEPS)
+    with torch.no_grad():
+        base_ll = base.log_likelihood(valid)
+    baseline = {
+        "train_rows": len(baseline_train),
+        "val_rows": len(valid),
+        "val_log_likelihood": float(base_ll.mean()),
+        "model_val_elbo": ref["elbo"]["mean"],
+        "model_val_log_marginal": ref.get("log_marginal", {}).get("mean"),
+    }
+    return ref, baseline
+
+
+def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
+    tensors, meta = out["tensors"], out["meta"]
+    model = VAE(families_from_json(run["families"]), VAEConfig.from_dict(run["model_config"]))
+    model.load_state_dict(final_weights(tensors))
+    model.eval()
+    ref, baseline = reference(opts, run, data, spec, model)
+    history = meta["history"]
+    if history[-1]["invalid_cells"]:
+        log.warning(
+            "%d training cells per epoch could not be used (negative, infinite or non-integer values where the "
+            "spec forbids them) and were treated as missing",
+            history[-1]["invalid_cells"],
+        )
+    best = [h for h in history if h.get("best")]
+    return save_model(
+        opts.model_dir,
+        model,
+        spec,
+        statistics=run["statistics"],
+        train_config=run["train_config"]
+        | {"val_fraction": run["val_fraction"], "shuffle_buffer": run["shuffle_buffer"]},
+        workers={
+            "workers": opts.workers,
+            "cpus_per_worker": opts.cpus_per_worker,
+            "gpus_per_worker": opts.gpus_per_worker,
+            "bf16": opts.bf16,
+        },
+        metrics=history,
+        best_epoch=best[-1]["epoch"] if best else history[-1]["epoch"],
+        resumed_at_epochs=meta.get("resumed_at_epochs", []),
+        data=run["data"],
+        reference=ref,
+        baseline=baseline,
+    )
+
+
+def run_training(opts: TrainOptions) -> TrainResult:
+    """The whole training run: setup, statistics (or the recorded run), Ray Train, the artifact."""
+    opts, spec, data, ckpt_dir = setup(opts)
+    run_meta = recorded_run(ckpt_dir, data) if opts.resume else None
+    # a local instance gets logical CPUs for the workers plus Ray Data's read tasks beside them
+    init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker + 2))
+    if run_meta is not None:
+        log.info("resuming the run recorded in %s", ckpt_dir)
+    else:
+        run_meta = new_run(opts, spec, data)
+        # from here on the job writes: a fresh run starts from empty checkpoints
+        storage.delete_dir(ckpt_dir)
+        storage.write_text(storage.join(ckpt_dir, RUN_META), json.dumps(run_meta, indent=1))
+    out = train(opts, run_meta, data, spec, ckpt_dir)
+    for row in out["meta"]["history"]:
+        log.info(progress_line(row, run_meta["train_config"]["epochs"]))
+    model_id = save(opts, run_meta, data, spec, out)
+    if not opts.keep_checkpoints:
+        storage.delete_dir(ckpt_dir)
+    return TrainResult(model_id, opts.model_dir)
