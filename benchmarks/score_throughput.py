@@ -36,11 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import DATA, dataset_spec  # noqa: E402
+from helpers import DATA, dataset_spec  # noqa: E402
 
 from jobs import score  # noqa: E402
+from pipeline.core import artifact  # noqa: E402
 from pipeline.core.artifact import load_model, save_model  # noqa: E402
 from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score  # noqa: E402
+from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS  # noqa: E402
 
 
 def make_data(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
@@ -56,7 +58,7 @@ def make_data(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
             col = t.column(name).combine_chunks()
             mask = pa.array(rng.random(n) < 0.2)
             cols[name] = pa.compute.if_else(mask, pa.scalar(None, col.type), col)
-        pq.write_table(pa.table(cols), directory / f"part-{s:03d}.parquet", row_group_size=65536)
+        pq.write_table(pa.table(cols), directory / f"part-{s:03d}.parquet", row_group_size=ROW_GROUP_ROWS)
 
 
 def train_model(model_dir: Path, epochs: int, latent_dim: int, hidden: list[int]) -> None:
@@ -84,14 +86,14 @@ def plain_loop(data: Path, model_dir: str, out: Path, args) -> int:
     sschema, qschema = output_schemas(art, settings)
     out.mkdir(parents=True)
     rows = 0
-    with pq.ParquetWriter(out / "scores.parquet", sschema, compression="zstd") as writer:
+    with pq.ParquetWriter(out / "scores.parquet", sschema, compression=PARQUET_COMPRESSION) as writer:
         for f in files:
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(batch_size=args.batch_size, columns=art.spec.columns):
                 scored, quarantined = split_and_score(
                     art, pa.Table.from_batches([batch]), sschema, qschema, args.mc_samples, args.iw_samples
                 )
-                writer.write_table(scored, row_group_size=65536)
+                writer.write_table(scored, row_group_size=ROW_GROUP_ROWS)
                 rows += scored.num_rows + quarantined.num_rows
     return rows
 
@@ -118,7 +120,7 @@ def main() -> int:
         make_data(data, args.rows, args.shards)
         print(f"generated {args.rows:,} rows in {args.shards} shards ({time.perf_counter() - t0:.0f} s)")
     model_dir = args.model_dir or str(work / "model")
-    if not Path(model_dir, "model.json").exists():
+    if not Path(model_dir, artifact.META).exists():
         train_model(Path(model_dir), args.epochs, args.latent_dim, args.hidden)
     art = load_model(model_dir)
     print(f"model {art.model_id}: latent_dim {art.model.latent_dim}, hidden {art.model.config.hidden}; "

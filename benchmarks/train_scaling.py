@@ -30,7 +30,7 @@ ADULT = ROOT / "tests" / "data" / "adult" / "adult.parquet"
 
 def adult_spec_yaml(path: Path) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import dataset_spec
+    from helpers import dataset_spec
 
     path.write_text(dataset_spec("adult").to_yaml())
     return str(path)
@@ -43,6 +43,7 @@ def throughput(workdir: Path, epochs: int) -> dict[int, list[float]]:
 
     sys.path.insert(0, str(ROOT))
     from jobs import train
+    from pipeline.core import artifact
 
     spec = adult_spec_yaml(workdir / "adult.yaml")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -56,7 +57,7 @@ def throughput(workdir: Path, epochs: int) -> dict[int, list[float]]:
             t0 = time.perf_counter()
             if train.main(args) != 0:
                 raise RuntimeError(f"training with {workers} worker(s) failed")
-            meta = json.loads((model_dir / "model.json").read_text())
+            meta = json.loads((model_dir / artifact.META).read_text())
             out[workers] = [h["rows_per_s"] for h in meta["metrics"]]
             print(f"  {workers} worker(s): job wall time {time.perf_counter() - t0:.0f}s", flush=True)
     finally:
@@ -86,7 +87,7 @@ def make_data(workdir: Path, copies: int) -> Path:
 STATS_CHILD = """
 import sys, json, time, ray
 sys.path.insert(0, sys.argv[3])
-from conftest import dataset_spec
+from helpers import dataset_spec
 from pipeline.io.inputs import preflight
 from pipeline.train.data import statistics_pass
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -26,9 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline import synthetic
+from pipeline.core import artifact
 from pipeline.errors import UsageError, VaepipeError
 from pipeline.runtime import job_main, make_parser
-from pipeline.score import reader as scores_io
+from pipeline.score import reader
+from schemas.output_table import partition_name, partition_uri, quarantine_partition_uri
 
 log = logging.getLogger("vaepipe.demo")
 
@@ -154,7 +156,7 @@ def top_lines(scores: pa.Table, meta: dict, incoming_dir: str, labels: pa.Table,
 
 
 def query_lines(scores_dir: str, run_date: str) -> list[str]:
-    glob = os.path.join(scores_dir, "dt=*", "*.parquet")
+    glob = os.path.join(scores_dir, partition_name("*"), "*.parquet")
     sql = "SELECT record_id, elbo, log_marginal FROM scores ORDER BY log_marginal LIMIT 5"
     return [
         "polars:",
@@ -253,11 +255,11 @@ def run(args) -> int:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
 
-    with open(os.path.join(model_dir, "model.json")) as f:
+    with open(os.path.join(model_dir, artifact.META)) as f:
         meta = json.load(f)
-    scores = scores_io.read_scores(scores_dir, [run_date])
+    scores = reader.read_scores(scores_dir, [run_date])
     labels = ds.dataset(data.labels_path, format="parquet").to_table()
-    quarantine_dir = os.path.join(scores_dir, "_quarantine", f"dt={run_date}")
+    quarantine_dir = quarantine_partition_uri(scores_dir, run_date)
     quarantined = ds.dataset(quarantine_dir, format="parquet").to_table(columns=["record_id", "reason", "column"])
     ev = evaluate(scores, labels)
     report_path = os.path.join(work, "report.html")
@@ -316,7 +318,8 @@ def print_summary(args, data, meta, scores, labels, quarantined, ev, times, tota
         )
     out += ["", f"Top {args.top} anomalies (least likely first):"]
     out += ["  " + line for line in top_lines(scores, meta, data.incoming_dir, labels, args.top)]
-    out += ["", f"The scores table: {scores_dir}/dt={run_date}/ (labels of the planted anomalies: {data.labels_path})"]
+    part = partition_uri(scores_dir, run_date)
+    out += ["", f"The scores table: {part}/ (labels of the planted anomalies: {data.labels_path})"]
     out += ["Query it with:"] + ["  " + line for line in query_lines(scores_dir, run_date)]
     return out
 

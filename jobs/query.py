@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
-from pipeline.score import reader as scores_io
+from pipeline.score import reader
 
 FORMATS = ("table", "csv", "json", "parquet")
 ENGINES = ("duckdb", "polars")
@@ -44,7 +44,7 @@ def build_parser():
 
 def run_sql(uri: str, sql: str, engine: str = "duckdb") -> pa.Table:
     """Run `sql` over the scores table at `uri`; the result as an Arrow table."""
-    dataset = scores_io.open_scores(uri)
+    dataset = reader.open_scores(uri)
     if engine == "duckdb":
         import duckdb
 

@@ -14,7 +14,7 @@ from pipeline.core.artifact import META
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
-from pipeline.score import reader as scores_io
+from pipeline.score import reader
 
 
 def build_parser():
@@ -44,14 +44,14 @@ def run(args) -> int:
     if args.top < 1:
         raise UsageError("--top must be at least 1")
     meta = load_meta(args.model_dir)
-    published = scores_io.partitions(args.scores)
+    published = reader.partitions(args.scores)
     if args.run_date == "all":
         dates = published
     elif args.run_date:
         dates = [args.run_date]
     else:
         dates = published[-1:]
-    table = scores_io.read_scores(args.scores, dates or None)
+    table = reader.read_scores(args.scores, dates or None)
     model_ids = set(table.column("model_id").unique().to_pylist())
     if meta.get("model_id") not in model_ids:
         print(

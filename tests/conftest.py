@@ -1,4 +1,4 @@
-"""Shared fixtures: real components only.
+"""Shared fixtures: real components only (plain helpers, which benchmarks use too, are in helpers.py).
 
 * ``ray_local``: one local Ray instance for the whole session (ray.init costs seconds). It declares
   more logical CPUs than the machine has, so 2 Ray Train workers and Ray Data tasks fit beside them.
@@ -8,29 +8,11 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import socket
-from pathlib import Path
 
 import pytest
-
-from schemas.feature_spec import FeatureSpec
-
-DATA = Path(__file__).parent / "data"
-HIVAE_TYPES = {"pos": "positive", "count": "count", "cat": "categorical", "real": "real", "ordinal": "ordinal"}
-
-
-def dataset_spec(name: str) -> FeatureSpec:
-    """The spec of a test dataset from its authors' types.csv (2-class 'cat' columns are binary)."""
-    features = {}
-    with open(DATA / name / "types.csv") as f:
-        for row in csv.DictReader(f):
-            kind = HIVAE_TYPES[row["hivae_type"]]
-            if kind == "categorical" and row["nclass"] == "2":
-                kind = "binary"
-            features[row["column"]] = kind
-    return FeatureSpec.from_dict({"id_columns": ["record_id"], "features": features})
+from helpers import DATA, dataset_spec
 
 
 def _free_port() -> int:

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import DATA, dataset_spec
+from helpers import DATA, dataset_spec
 
 pytestmark = pytest.mark.slow
 

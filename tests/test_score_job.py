@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import DATA
+from helpers import DATA
 
 from jobs import score
 from pipeline.core.artifact import load_model

@@ -8,11 +8,11 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import DATA
 
 from pipeline.errors import InputDataError, UsageError
 from schemas.feature_spec import infer_spec, load_spec, parse_spec
 from schemas.output_table import scores_schema
-from tests.conftest import DATA
 
 CONTRACT_EXAMPLE = """
 id_columns: [record_id]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DATA, dataset_spec
+from helpers import DATA, dataset_spec
 
 from jobs import train
 from pipeline.core.artifact import load_model

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import DATA, dataset_spec
 from scipy import stats
 from torch.distributions import Normal, kl_divergence
 
@@ -21,7 +22,6 @@ from pipeline.core.model import VAE, VAEConfig, kl_standard_normal
 from pipeline.core.scoring import record_noise, score_batch
 from pipeline.core.training import TrainConfig, fit
 from schemas.feature_spec import FeatureSpec
-from tests.conftest import DATA, dataset_spec
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
