@@ -21,7 +21,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json
-from pipeline.core.likelihoods import Family
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.errors import UsageError
 from pipeline.io import storage
@@ -41,10 +40,6 @@ class ModelArtifact:
     @property
     def model_id(self) -> str:
         return self.meta["model_id"]
-
-    @property
-    def families(self) -> list[Family]:
-        return self.model.families
 
     @property
     def codec(self) -> TableCodec:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.core.likelihoods import FAMILIES, Family, family_from_state
+from pipeline.core.likelihoods.base import as_array
 from pipeline.errors import InputDataError
 from schemas.feature_spec import FeatureSpec
 
@@ -70,10 +71,7 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _column_hash(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
+    col = as_array(col)
     if pa.types.is_integer(col.type):
         vals = pc.cast(col, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).view(np.uint64)
         return splitmix64(vals)

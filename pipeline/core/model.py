@@ -13,7 +13,7 @@ excluded from log p(x|z); they are never imputed into a score.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -54,7 +54,6 @@ class LossOutput:
     recon: torch.Tensor  # [N] log p(x|z) at one sample, observed features
     kl: torch.Tensor  # [N]
     column_log_prob: torch.Tensor  # [N, F], 0 where missing
-    extra: dict = field(default_factory=dict)
 
 
 class VAE(nn.Module):

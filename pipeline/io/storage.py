@@ -151,13 +151,6 @@ def exists(uri: str) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
-def is_nonempty_dir(uri: str) -> bool:
-    loc = locate(uri)
-    if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
-        return False
-    return bool(loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False)))
-
-
 def delete_dir(uri: str) -> None:
     loc = locate(uri)
     if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:

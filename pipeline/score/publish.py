@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.core.likelihoods.base import as_array, plain_type
 from pipeline.errors import InputDataError, VaepipeError
 from pipeline.io import storage
 from schemas.output_table import (
@@ -129,9 +130,7 @@ def read_ids(uri_like: str, paths: list[str], id_columns, types: dict[str, pa.Da
         t = pq.read_table(p, columns=list(id_columns), filesystem=fs)
         cols = []
         for c in id_columns:
-            col = t.column(c).combine_chunks()
-            if pa.types.is_dictionary(col.type):
-                col = col.dictionary_decode()
+            col = as_array(t.column(c))
             if types is not None:
                 col = col.cast(types[c])
             cols.append(col)
@@ -146,7 +145,7 @@ def input_ids(data, id_columns) -> pa.Table:
 
     Rows with a null id are kept (they are quarantined, not refused).
     """
-    types = {c: _plain(data.schema.field(c).type) for c in id_columns}
+    types = {c: plain_type(data.schema.field(c).type) for c in id_columns}
     parts = []
     for f in data.files:
         t = read_ids(data.uri, [f.path], id_columns, types)
@@ -165,10 +164,6 @@ def input_ids(data, id_columns) -> pa.Table:
             column=",".join(id_columns),
         )
     return ids.drop_columns(["__file"])
-
-
-def _plain(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def _non_null(ids: pa.Table, id_columns) -> pa.Table:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model
+from pipeline.core.likelihoods.base import as_array, plain_type
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
 from pipeline.errors import FailureHook
 from pipeline.io import storage
@@ -94,26 +95,15 @@ def output_metadata(settings: ScoreSettings, model_id: str) -> dict[bytes, bytes
 def output_schemas(artifact: ModelArtifact, settings: ScoreSettings) -> tuple[pa.Schema, pa.Schema]:
     """(scores schema with key-value metadata, quarantine schema) for this model and input."""
     input_schema = settings.arrow_input_schema()
-    types = {name: _plain(input_schema.field(name).type) for name in artifact.spec.columns}
+    types = {name: plain_type(input_schema.field(name).type) for name in artifact.spec.columns}  # decoded
     meta = output_metadata(settings, artifact.model_id)
     scores = scores_schema(artifact.spec, types, artifact.model.latent_dim, meta)
     quarantine = quarantine_schema(artifact.spec, types).with_metadata(meta)
     return scores, quarantine
 
 
-def _plain(t: pa.DataType) -> pa.DataType:
-    """Dictionary-encoded input columns are written as their value type."""
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
 def _conform(table: pa.Table, columns: list[str], schema: pa.Schema) -> list[pa.Array]:
-    out = []
-    for c in columns:
-        col = table.column(c).combine_chunks()
-        if pa.types.is_dictionary(col.type):
-            col = col.dictionary_decode()
-        out.append(col.cast(schema.field(c).type))
-    return out
+    return [as_array(table.column(c)).cast(schema.field(c).type) for c in columns]
 
 
 def unscorable_rows(table: pa.Table, id_columns, invalid: list[tuple[int, str, str]]) -> dict[int, tuple[str, str]]:

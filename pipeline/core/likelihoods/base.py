@@ -30,6 +30,9 @@ LOG_2PI = math.log(2.0 * math.pi)
 # The encoder sees standardised values clipped here: a value 1e6 standard deviations out must not
 # overflow the encoder's activations. The likelihood always sees the exact value.
 ENCODER_CLIP = 10.0
+# Logits from a decoder head are clamped here: no class or outcome gets probability 0 (or 1), so
+# every log-probability stays finite; e^-20 is far below anything a fitted model needs.
+LOGIT_BOUND = 20.0
 
 
 @dataclass
@@ -93,8 +96,26 @@ class Family(ABC):
         return f"{type(self).__name__}({self.name!r}, {self.state()})"
 
 
+class LabelFamily(Family):
+    """A family over labels (binary, categorical, ordinal): its statistics are the label counts."""
+
+    @staticmethod
+    def partial_stats(column: pa.ChunkedArray | pa.Array) -> dict[str, Any]:
+        return {"counts": label_counts(to_labels(column))}
+
+    @staticmethod
+    def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {"counts": counts_merge(a["counts"], b["counts"])}
+
+
 # ---- shared helpers -------------------------------------------------------------------------------
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded type's value type; any other type itself."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One contiguous array, dictionary-encoded values decoded."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_dictionary(column.type):

@@ -3,19 +3,15 @@ the lower (by sort order of their text) is 0."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
+from pipeline.core.likelihoods.base import LOGIT_BOUND, EncodedColumn, LabelFamily, index_labels, to_labels
 from pipeline.errors import InputDataError
 
-LOGIT_BOUND = 20.0
 
-
-class Binary(Family):
+class Binary(LabelFamily):
     kind = "binary"
 
     def __init__(self, name: str, labels: list[str]):
@@ -23,14 +19,6 @@ class Binary(Family):
         self.labels = [str(v) for v in labels]
 
     n_params = 1
-
-    @staticmethod
-    def partial_stats(column) -> dict[str, Any]:
-        return {"counts": label_counts(to_labels(column))}
-
-    @staticmethod
-    def merge_stats(a, b):
-        return {"counts": counts_merge(a["counts"], b["counts"])}
 
     @classmethod
     def from_stats(cls, name, stats, **options):

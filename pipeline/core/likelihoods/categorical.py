@@ -7,19 +7,16 @@ bounded so no class, the unseen one included, has probability 0.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
-from pipeline.core.likelihoods.base import EncodedColumn, Family, counts_merge, index_labels, label_counts, to_labels
+from pipeline.core.likelihoods.base import LOGIT_BOUND, EncodedColumn, LabelFamily, index_labels, to_labels
 from pipeline.errors import InputDataError
 
-LOGIT_BOUND = 20.0
 MAX_CATEGORIES = 1000
 
 
-class Categorical(Family):
+class Categorical(LabelFamily):
     kind = "categorical"
 
     def __init__(self, name: str, vocab: list[str]):
@@ -37,14 +34,6 @@ class Categorical(Family):
     @property
     def enc_width(self):
         return self.n_classes
-
-    @staticmethod
-    def partial_stats(column) -> dict[str, Any]:
-        return {"counts": label_counts(to_labels(column))}
-
-    @staticmethod
-    def merge_stats(a, b):
-        return {"counts": counts_merge(a["counts"], b["counts"])}
 
     @classmethod
     def from_stats(cls, name, stats, max_categories: int = MAX_CATEGORIES, **options):

@@ -14,18 +14,14 @@ distinct values of the training column. A value that is not a level cannot be sc
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.core.likelihoods.base import (
     EncodedColumn,
-    Family,
-    counts_merge,
+    LabelFamily,
     index_labels,
-    label_counts,
     log1mexp,
     to_labels,
 )
@@ -49,7 +45,7 @@ def cumulative_logit_log_prob(thresholds: torch.Tensor, k: torch.Tensor) -> torc
     return torch.where(first, -F.softplus(-upper), torch.where(last, -F.softplus(lower), middle))
 
 
-class Ordinal(Family):
+class Ordinal(LabelFamily):
     kind = "ordinal"
 
     def __init__(self, name: str, levels: list[str]):
@@ -59,14 +55,6 @@ class Ordinal(Family):
     @property
     def n_params(self):
         return len(self.levels) - 1
-
-    @staticmethod
-    def partial_stats(column) -> dict[str, Any]:
-        return {"counts": label_counts(to_labels(column))}
-
-    @staticmethod
-    def merge_stats(a, b):
-        return {"counts": counts_merge(a["counts"], b["counts"])}
 
     @classmethod
     def from_stats(cls, name, stats, levels: list | None = None, **options):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.core.likelihoods.base import (
     ENCODER_CLIP,
+    LOGIT_BOUND,
     EncodedColumn,
     Family,
     bounded_log_var,
@@ -35,7 +36,6 @@ from pipeline.core.likelihoods.base import (
 from pipeline.core.likelihoods.real import MIN_VAR
 
 ZERO_FLOOR = 1e-12
-LOGIT_BOUND = 20.0
 
 
 class Positive(Family):
