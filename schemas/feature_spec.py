@@ -1,6 +1,6 @@
 """The feature spec: which columns identify a record and which are modelled, with what likelihood.
 
-YAML form (see CONTRACT.md)::
+YAML form (the README, "A tour", shows one; "How it fits together" says where it is used)::
 
     id_columns: [record_id]
     features:

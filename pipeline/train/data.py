@@ -81,7 +81,7 @@ def read_split_rows(data: InputData, spec: FeatureSpec, val_fraction: float, val
 # ---- statistics pass ------------------------------------------------------------------------------
 @dataclass
 class DataStats:
-    stats: dict[str, Any]  # merged per-feature statistics, as preprocess.merge_stats builds them
+    stats: dict[str, Any]  # merged per-feature statistics, as codec.merge_stats builds them
     rows: int
     val_rows: int
 

@@ -46,7 +46,7 @@ class LoopConfig:
     """Everything a worker needs, crossing to Ray as a plain dict (``asdict``)."""
 
     spec: dict  # FeatureSpec.to_dict()
-    families: list[dict]  # preprocess.families_to_json(fitted families)
+    families: list[dict]  # codec.families_to_json(fitted families)
     model: dict  # VAEConfig.to_dict()
     train: dict  # asdict(TrainConfig)
     shuffle_buffer: int = 10_000  # rows in each worker's local shuffle buffer
