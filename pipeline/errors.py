@@ -63,18 +63,24 @@ def first_line(e: BaseException, limit: int = 500) -> str:
 
 
 def vaepipe_error_in(e: BaseException) -> VaepipeError | None:
-    """The first :class:`VaepipeError` in the exception's cause chain, wherever Ray wrapped it."""
-    return next((c for c in causes(e, follow_context=True) if isinstance(c, VaepipeError)), None)
+    """The first :class:`VaepipeError` in the exception's cause chain, wherever Ray wrapped it.
+
+    Ray's wrapper of a task's exception is an instance of that exception's class too (its message is
+    Ray's traceback text): it is passed over for the original, which it holds as ``.cause``."""
+    return next(
+        (
+            c
+            for c in causes(e, follow_context=True)
+            if isinstance(c, VaepipeError) and not isinstance(getattr(c, "cause", None), BaseException)
+        ),
+        None,
+    )
 
 
 def root_message(e: BaseException) -> str:
     """``Type: first line`` of the exception that started the failure (the end of its cause chain)."""
     root = list(causes(e))[-1]
-    name = type(root).__name__
-    cause = getattr(root, "cause", None)  # Ray's dynamic "RayTaskError(T)" class: name T itself
-    if name.startswith("RayTaskError(") and name.endswith(")"):
-        name = name[len("RayTaskError(") : -1]
-    return f"{type(cause).__name__ if isinstance(cause, BaseException) else name}: {first_line(root)}"
+    return f"{type(root).__name__}: {first_line(root)}"
 
 
 # ---- the test-only failure hook --------------------------------------------------------------------
