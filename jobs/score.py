@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 
+from pipeline import summary
 from pipeline.core.artifact import load_model
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.errors import UsageError, VaepipeError, causes
@@ -112,6 +113,7 @@ def run(args) -> int:
     data = preflight(args.data, spec)
     ids_in = publish.input_ids(data, spec.id_columns)
     run_id = new_run_id()
+    summary.record(run_id=run_id, run_date=run_date, rows_in=data.rows, model_id=artifact.model_id)
     fail_after = os.environ.get(FAIL_AFTER_ENV)
     settings = ScoreSettings(
         model_dir=args.model_dir,
@@ -197,6 +199,7 @@ def run(args) -> int:
         staging.discard()
 
     # ---- summary --------------------------------------------------------------------------------
+    summary.record(scored_rows=rec.scored_rows, quarantined_rows=rec.quarantined_rows, partition=published.partition)
     seconds = time.perf_counter() - t0
     print(
         f"scored {rec.scored_rows:,} rows, quarantined {rec.quarantined_rows:,} "

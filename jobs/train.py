@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import summary
 from pipeline.core.artifact import save_model
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
@@ -300,6 +301,7 @@ def save(args, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
 
 def run(args) -> int:
     spec, data, ckpt_dir = setup(args)
+    summary.record(rows_in=data.rows, model_uri=args.model_dir)
     run_meta = recorded_run(ckpt_dir, data) if args.resume else None
     # a local instance gets logical CPUs for the workers plus Ray Data's read tasks beside them
     init_ray(args.ray_address, num_cpus=max(os.cpu_count() or 1, args.workers * args.cpus_per_worker + 2))
@@ -314,6 +316,7 @@ def run(args) -> int:
     for row in out["meta"]["history"]:
         log.info(progress_line(row, run_meta["train_config"]["epochs"]))
     model_id = save(args, run_meta, data, spec, out)
+    summary.record(model_id=model_id)
     if not args.keep_checkpoints:
         storage.delete_dir(ckpt_dir)
     print(f"model {model_id} written to {args.model_dir}")

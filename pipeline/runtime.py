@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import summary
 from pipeline.errors import UsageError, VaepipeError
 
 log = logging.getLogger("vaepipe")
@@ -24,6 +25,7 @@ log = logging.getLogger("vaepipe")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 too; keep its message, prefix the prog
         self.print_usage(sys.stderr)
+        summary.note_error(f"{self.prog}: {message}")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -79,12 +81,9 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     return out
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=os.environ.get("VAEPIPE_LOG_LEVEL", level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log lines with the date and the UTC offset (ISO 8601), as text or JSON (pipeline/summary.py)."""
+    summary.configure_logging(fmt, level)
 
 
 def job_main(
@@ -95,20 +94,23 @@ def job_main(
     def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         try:
-            args = parse_args(build_parser(), argv)
+            args = parse_args(summary.add_options(build_parser()), argv)
+            summary.note_args(args)
             if getattr(args, "s3_endpoint", None):
                 from pipeline.io import storage
 
                 storage.configure(args.s3_endpoint)
             return int(run(args) or 0)
         except VaepipeError as e:
+            summary.note_error(e)
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
 
-    return main
+    # --summary-json: the run's outcome, written however the job ends
+    return summary.wrap(main, build_parser.__module__.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
