@@ -23,7 +23,7 @@ from pipeline.errors import UsageError, VaepipeError, causes
 from pipeline.io import storage
 from pipeline.io.inputs import preflight, read_dataset
 from pipeline.runtime import add_ray_options, init_ray, job_main, make_parser
-from pipeline.score import publish
+from pipeline.score import iceberg, publish
 from pipeline.score.scorer import (
     FAIL_AFTER_ENV,
     BatchScorer,
@@ -58,6 +58,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=4096, help="records per scoring batch")
     p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, help="target rows per output file")
     p.add_argument("--seed", type=int, default=0, help="noise seed (outputs do not depend on batching)")
+    iceberg.add_options(p)  # --table-format parquet|iceberg, --catalog, --table
     add_ray_options(p)
     return p
 
@@ -106,6 +107,8 @@ def _root_message(e: BaseException) -> str:
 def run(args) -> int:
     # ---- setup: everything that can refuse the job before any work starts -----------------------------
     run_date = check_args(args)
+    if args.table_format == "iceberg":
+        iceberg.check_options(args.output, args.catalog, args.table)
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     artifact = load_model(args.model_dir)
@@ -186,7 +189,12 @@ def run(args) -> int:
             "started_at": started.isoformat(),
             "finished_at": finished.isoformat(),
         }
-        published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
+        if args.table_format == "iceberg":  # one snapshot replacing the run date's partition
+            published = iceberg.publish(
+                staging, run_date, rec, manifest, scores_schema, quarantine_schema, args.catalog, args.table
+            )
+        else:
+            published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
     except VaepipeError:
         raise
     except Exception as e:
