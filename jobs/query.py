@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
-from pipeline.score import reader
+from pipeline.score import iceberg, reader
 
 FORMATS = ("table", "csv", "json", "parquet")
 ENGINES = ("duckdb", "polars")
@@ -39,12 +39,16 @@ def build_parser():
     p.add_argument("--engine", choices=ENGINES, default="duckdb", help="SQL engine")
     p.add_argument("--max-rows", type=int, default=50, help="--format table: rows shown (the rest are summarised)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+    iceberg.add_options(p)  # --table-format parquet|iceberg, --catalog, --table
     return p
 
 
-def run_sql(uri: str, sql: str, engine: str = "duckdb") -> pa.Table:
-    """Run `sql` over the scores table at `uri`; the result as an Arrow table."""
-    dataset = reader.open_scores(uri)
+def run_sql(uri: str, sql: str, engine: str = "duckdb", table_format: str = "parquet", catalog=None, table=None):
+    """Run `sql` over the scores table at `uri` (Parquet, or the Iceberg table `table`); an Arrow table."""
+    if table_format == "iceberg":
+        dataset = iceberg.read_table(uri, catalog, table or iceberg.DEFAULT_TABLE)
+    else:
+        dataset = reader.open_scores(uri)
     if engine == "duckdb":
         import duckdb
 
@@ -59,7 +63,8 @@ def run_sql(uri: str, sql: str, engine: str = "duckdb") -> pa.Table:
     import polars as pl
 
     try:
-        ctx = pl.SQLContext(scores=pl.scan_pyarrow_dataset(dataset))
+        frame = pl.from_arrow(dataset).lazy() if isinstance(dataset, pa.Table) else pl.scan_pyarrow_dataset(dataset)
+        ctx = pl.SQLContext(scores=frame)
         return ctx.execute(sql).collect().to_arrow()
     except (pl.exceptions.PolarsError, ValueError) as e:  # SQLSyntaxError etc. derive from PolarsError
         raise UsageError(f"SQL error (polars): {e}") from e
@@ -134,7 +139,7 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 def run(args) -> int:
     if args.format == "parquet" and not args.out:
         raise UsageError("--format parquet needs --out FILE")
-    result = run_sql(args.output, args.sql, args.engine)
+    result = run_sql(args.output, args.sql, args.engine, args.table_format, args.catalog, args.table)
     if args.format == "parquet":
         storage.write_bytes(args.out, to_parquet_bytes(result))
         print(f"wrote {result.num_rows} rows to {args.out}", file=sys.stderr)

@@ -14,7 +14,7 @@ from pipeline.core.artifact import META
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
-from pipeline.score import reader
+from pipeline.score import iceberg, reader
 
 
 def build_parser():
@@ -28,6 +28,7 @@ def build_parser():
     p.add_argument("--top", type=int, default=20, help="how many anomalies to list")
     p.add_argument("--data", default=None, help="the scored input data: show the values behind the top anomalies")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+    iceberg.add_options(p)  # --table-format parquet|iceberg, --catalog, --table
     return p
 
 
@@ -44,14 +45,19 @@ def run(args) -> int:
     if args.top < 1:
         raise UsageError("--top must be at least 1")
     meta = load_meta(args.model_dir)
-    published = reader.partitions(args.scores)
+    ice = args.table_format == "iceberg"
+    published = (iceberg.partitions(args.scores, args.catalog, args.table) if ice
+                 else reader.partitions(args.scores))  # fmt: skip
     if args.run_date == "all":
         dates = published
     elif args.run_date:
         dates = [args.run_date]
     else:
         dates = published[-1:]
-    table = reader.read_scores(args.scores, dates or None)
+    if ice:
+        table = iceberg.read_table(args.scores, args.catalog, args.table, dates or None)
+    else:
+        table = reader.read_scores(args.scores, dates or None)
     model_ids = set(table.column("model_id").unique().to_pylist())
     if meta.get("model_id") not in model_ids:
         print(

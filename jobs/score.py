@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import summary
 from pipeline.runtime import add_ray_options, job_main, make_parser, options_from_args
+from pipeline.score import iceberg
 from pipeline.score.run import ScoreOptions, run_scoring
 
 
@@ -29,6 +31,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per scoring batch")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per output file")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed (outputs do not depend on batching)")
+    iceberg.add_options(p)  # --table-format parquet|iceberg, --catalog, --table
     add_ray_options(p)
     return p
 
@@ -36,6 +39,10 @@ def build_parser():
 def run(args) -> int:
     r = run_scoring(options_from_args(ScoreOptions, args))
     rec, published, rows = r.reconciliation, r.published, r.input_rows
+    summary.record(
+        run_id=r.run_id, rows_in=rows, model_id=r.model_id, scored_rows=rec.scored_rows,
+        quarantined_rows=rec.quarantined_rows, partition=published.partition,
+    )  # fmt: skip
     print(
         f"scored {rec.scored_rows:,} rows, quarantined {rec.quarantined_rows:,} "
         f"({rows:,} input rows, {rows / max(r.seconds, 1e-9):,.0f} rows/s over {r.seconds:.1f} s)\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import summary
 from pipeline.runtime import add_ray_options, job_main, make_parser, options_from_args
 from pipeline.train.run import TrainOptions, run_training
 
@@ -59,7 +60,9 @@ def build_parser():
 
 
 def run(args) -> int:
+    summary.record(model_uri=args.model_dir)
     result = run_training(options_from_args(TrainOptions, args))
+    summary.record(rows_in=result.input_rows, model_id=result.model_id)
     print(f"model {result.model_id} written to {result.model_dir}")
     return 0
 

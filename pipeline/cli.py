@@ -12,6 +12,7 @@ COMMANDS = {
     "score": ("jobs.score", "score every record into the scores table partition for a run date"),
     "query": ("jobs.query", "SQL over the scores table (named `scores`), printed or written as csv/json/parquet"),
     "report": ("jobs.report", "one self-contained HTML report on a model and a scoring run"),
+    "check": ("jobs.check", "compare a run's log_marginal with the model's validation reference; exit 4 on drift"),
     "demo": ("jobs.demo", "the whole job on generated data: train, score, find the planted anomalies"),
 }
 

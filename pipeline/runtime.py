@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline import summary
 from pipeline.errors import UsageError, root_message, vaepipe_error_in
 
 log = logging.getLogger("vaepipe")
@@ -27,6 +28,7 @@ T = TypeVar("T")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 too; keep its message, prefix the prog
         self.print_usage(sys.stderr)
+        summary.note_error(f"{self.prog}: {message}")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -88,12 +90,9 @@ def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=os.environ.get("VAEPIPE_LOG_LEVEL", level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log lines with the date and the UTC offset (ISO 8601), as text or JSON (pipeline/summary.py)."""
+    summary.configure_logging(fmt, level)
 
 
 def job_main(
@@ -108,7 +107,8 @@ def job_main(
     def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         try:
-            args = parse_args(build_parser(), argv)
+            args = parse_args(summary.add_options(build_parser()), argv)
+            summary.note_args(args)
             if getattr(args, "s3_endpoint", None):
                 from pipeline.io import storage
 
@@ -121,12 +121,15 @@ def job_main(
             err = vaepipe_error_in(e)
             if err is None:
                 log.debug("unexpected failure", exc_info=True)
+                summary.note_error(root_message(e))
                 print(f"error: {root_message(e)}", file=sys.stderr)
                 return 1
+            summary.note_error(err)
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
 
-    return main
+    # --summary-json: the run's outcome, written however the job ends
+    return summary.wrap(main, build_parser.__module__.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def init_ray(address: str | None = None, **local_kwargs: Any) -> None:

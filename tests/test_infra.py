@@ -40,12 +40,12 @@ CONSTRAINTS = {
 
 
 def _pin(name: str) -> str:
-    """The exact version pyproject.toml pins for a dependency (extras ignored)."""
+    """The lower bound pyproject.toml gives a dependency (extras ignored): the version constraints.txt locks."""
     for dep in PYPROJECT["project"]["dependencies"]:
-        m = re.fullmatch(rf"{re.escape(name)}(\[[^\]]*\])?==(\S+)", dep.replace(" ", ""))
+        m = re.match(rf"{re.escape(name)}(\[[^\]]*\])?(==|>=)([^,;\s]+)", dep.replace(" ", ""))
         if m:
-            return m.group(2)
-    raise AssertionError(f"pyproject.toml does not pin {name}")
+            return m.group(3)
+    raise AssertionError(f"pyproject.toml does not bound {name}")
 
 
 def _docs(path: Path) -> list[dict]:

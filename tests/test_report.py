@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -128,16 +129,40 @@ def _quarantined(run) -> int:
     return sum(pq.read_metadata(os.path.join(qdir, f)).num_rows for f in os.listdir(qdir) if f.endswith(".parquet"))
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None and not os.environ.get("CI"),
+    reason="Debian's chromium package is not installed (.ci/run installs it; in CI this test never skips)",
+)
 def test_report_renders_in_headless_chromium(adult_report, tmp_path):
     from PIL import Image
 
-    shot = tmp_path / "shot.png"
-    cmd = [
+    assert shutil.which("chromium"), "CI installs Debian's chromium (.ci/run)"
+    base = [
         "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        "--hide-scrollbars", "--window-size=1280,4000", f"--screenshot={shot}", adult_report.as_uri(),
     ]  # fmt: skip
+    # the DOM as the browser built it, after layout and image decoding: every plot decoded to real pixels
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        adult_report.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+            " document.body.dataset.decoded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
+            " document.body.dataset.images = imgs.length;"
+            " document.body.dataset.height = document.documentElement.scrollHeight; });</script></body>",
+        )
+    )
+    dom = subprocess.run(
+        [*base, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        check=True, timeout=120, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = dict(re.findall(r'data-(\w+)="(\d+)"', body))
+    assert int(attrs["images"]) >= 4 and attrs["decoded"] == attrs["images"], attrs
+    assert int(attrs["height"]) > 2000, attrs  # laid out as a long page, not an error page
+
+    shot = tmp_path / "shot.png"
+    cmd = [*base, "--hide-scrollbars", "--window-size=1280,4000", f"--screenshot={shot}", adult_report.as_uri()]
     subprocess.run(cmd, check=True, timeout=120, capture_output=True)
     im = Image.open(shot).convert("L")
     px = np.asarray(im, dtype=float)

@@ -90,14 +90,28 @@ def build_meta(model: VAE, spec: FeatureSpec, **extra: Any) -> dict[str, Any]:
     }
 
 
-def save_model(model_dir: str, model: VAE, spec: FeatureSpec, **extra: Any) -> str:
-    """Write the artifact to model_dir (local or s3://); returns model_id."""
-    weights = _weights_bytes(model)
-    meta = build_meta(model, spec, **extra)
-    meta["model_id"] = content_hash(weights, meta)
+def new_artifact(model: VAE, spec: FeatureSpec, **extra: Any) -> ModelArtifact:
+    """An artifact in memory, its model_id computed as save_model computes it (nothing written)."""
+    # as JSON will read it back, so the in-memory body and the loaded one hash alike
+    meta = json.loads(json.dumps(build_meta(model, spec, **extra), default=str))
+    meta["model_id"] = content_hash(_weights_bytes(model), meta)
+    return ModelArtifact(model, spec, meta)
+
+
+def write_artifact(model_dir: str, artifact: ModelArtifact) -> str:
+    """Write an artifact (its model.json body as it is) to model_dir, model.json last; returns model_id."""
+    weights = _weights_bytes(artifact.model)
+    meta = artifact.meta
+    if content_hash(weights, meta) != meta["model_id"]:
+        raise UsageError(f"the model's weights or metadata changed since model_id {meta['model_id']} was computed")
     storage.write_bytes(storage.join(model_dir, WEIGHTS), weights)
     storage.write_text(storage.join(model_dir, META), json.dumps(meta, indent=2, sort_keys=False, default=str))
     return meta["model_id"]
+
+
+def save_model(model_dir: str, model: VAE, spec: FeatureSpec, **extra: Any) -> str:
+    """Write the artifact to model_dir (local or s3://); returns model_id."""
+    return write_artifact(model_dir, new_artifact(model, spec, **extra))
 
 
 def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtifact:

@@ -22,7 +22,7 @@ from pipeline.errors import FailureHook, UsageError, VaepipeError, root_message,
 from pipeline.io import storage
 from pipeline.io.inputs import preflight, read_dataset
 from pipeline.runtime import init_ray
-from pipeline.score import publish
+from pipeline.score import iceberg, publish
 from pipeline.score.publish import Published, Reconciliation
 from pipeline.score.scorer import BatchScorer, ScoreSettings, output_schemas, serialize_schema
 from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VERSION, partition_uri
@@ -51,6 +51,9 @@ class ScoreOptions:
     batch_size: int = 4096
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     seed: int = 0
+    table_format: str = "parquet"  # parquet | iceberg
+    catalog: str | None = None  # Iceberg catalog URI or configured name (None: OUTPUT/_catalog.db)
+    table: str = iceberg.DEFAULT_TABLE  # Iceberg NAMESPACE.NAME
     ray_address: str | None = None
 
     def validate(self) -> str:
@@ -89,6 +92,8 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
     accounted for, and the staging directory is deleted whatever happens."""
     # ---- setup: everything that can refuse the job before any work starts -----------------------------
     run_date = opts.validate()
+    if opts.table_format == "iceberg":
+        iceberg.check_options(opts.output, opts.catalog, opts.table)
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     artifact = load_model(opts.model_dir)
@@ -167,7 +172,12 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
             "started_at": started.isoformat(),
             "finished_at": finished.isoformat(),
         }
-        published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
+        if opts.table_format == "iceberg":  # one snapshot replacing the run date's partition
+            published = iceberg.publish(
+                staging, run_date, rec, manifest, scores_schema, quarantine_schema, opts.catalog, opts.table
+            )
+        else:
+            published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
     except VaepipeError:
         raise
     except Exception as e:

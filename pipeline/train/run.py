@@ -22,14 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
-import torch
-
 from pipeline.core.artifact import save_model
-from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.core.model import VAE, VAEConfig
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.core.reference import baseline_summary, reference_scores
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import TrainConfig
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
@@ -45,8 +42,6 @@ CHECKPOINTS = "_checkpoints"  # default checkpoint directory inside MODEL_DIR (n
 RUN_META = "run.json"
 RUN_NAME = "train"  # the Ray Train run inside the checkpoint directory
 FAILURE_MARKER = "injected_failure"  # the test-only failure hook's once-per-epoch markers
-REFERENCE_QUANTILES = np.linspace(0.0, 1.0, 1001)  # 0.1% steps
-BASELINE_STEPS = 300  # Adam steps of the independent-columns baseline (free constants: converges fast)
 
 _M, _T = VAEConfig(), TrainConfig()
 
@@ -109,6 +104,7 @@ class TrainOptions:
 class TrainResult:
     model_id: str
     model_dir: str
+    input_rows: int
 
 
 # ---- phases --------------------------------------------------------------------------------------
@@ -229,33 +225,9 @@ def reference(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec,
     """Reference distribution of validation elbo / log_marginal, and the independent baseline."""
     codec = TableCodec(spec, model.families)
     valid = codec.encode(read_split_rows(data, spec, run["val_fraction"], True, opts.reference_rows))
-    scores = score_batch(model, valid, opts.mc_samples, opts.iw_samples, seed=run["train_config"]["seed"])
-    ref: dict[str, Any] = {
-        "rows": len(valid),
-        "mc_samples": opts.mc_samples,
-        "iw_samples": opts.iw_samples,
-        "quantile_probs": REFERENCE_QUANTILES.round(4).tolist(),
-    }
-    for name, values in (("elbo", scores.elbo), ("log_marginal", scores.log_marginal)):
-        if values is None:
-            continue
-        ref[name] = {
-            "mean": float(values.mean()),
-            "std": float(values.std()),
-            "quantiles": np.quantile(values, REFERENCE_QUANTILES).tolist(),
-        }
+    ref = reference_scores(model, valid, opts.mc_samples, opts.iw_samples, seed=run["train_config"]["seed"])
     baseline_train = codec.encode(read_split_rows(data, spec, run["val_fraction"], False, opts.baseline_rows))
-    base = IndependentBaseline(model.families).fit(baseline_train, steps=BASELINE_STEPS)
-    with torch.no_grad():
-        base_ll = base.log_likelihood(valid)
-    baseline = {
-        "train_rows": len(baseline_train),
-        "val_rows": len(valid),
-        "val_log_likelihood": float(base_ll.mean()),
-        "model_val_elbo": ref["elbo"]["mean"],
-        "model_val_log_marginal": ref.get("log_marginal", {}).get("mean"),
-    }
-    return ref, baseline
+    return ref, baseline_summary(model, baseline_train, valid, ref)
 
 
 def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
@@ -313,4 +285,4 @@ def run_training(opts: TrainOptions) -> TrainResult:
     model_id = save(opts, run_meta, data, spec, out)
     if not opts.keep_checkpoints:
         storage.delete_dir(ckpt_dir)
-    return TrainResult(model_id, opts.model_dir)
+    return TrainResult(model_id, opts.model_dir, data.rows)

@@ -1,0 +1,59 @@
+"""What a trained model carries beside its weights to judge later runs: the reference distribution of
+validation scores, and the independent-columns baseline it must beat.
+
+* :func:`reference_scores` -- elbo and log_marginal of validation records (the scoring estimators,
+  the training seed), summarised as mean, std and the quantiles at 0.1% steps (``model.json``'s
+  ``reference``: what ``vaepipe check`` and ``tail_probability`` compare a run with);
+* :func:`baseline_summary` -- the independent-columns baseline fitted on training records and its
+  held-out log-likelihood beside the model's (``model.json``'s ``baseline``).
+
+The train job and the in-process API (``pipeline.api.fit``) both write these, so the two artifacts
+hold the same keys and the same numbers for the same model and rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.baseline import IndependentBaseline
+from pipeline.core.codec import EncodedBatch
+from pipeline.core.model import VAE
+from pipeline.core.scoring import score_batch
+
+REFERENCE_QUANTILES = np.linspace(0.0, 1.0, 1001)  # 0.1% steps
+BASELINE_STEPS = 300  # Adam steps of the independent-columns baseline (free constants: converges fast)
+
+
+def reference_scores(model: VAE, valid: EncodedBatch, mc_samples: int, iw_samples: int, seed: int) -> dict[str, Any]:
+    scores = score_batch(model, valid, mc_samples, iw_samples, seed=seed)
+    ref: dict[str, Any] = {
+        "rows": len(valid),
+        "mc_samples": mc_samples,
+        "iw_samples": iw_samples,
+        "quantile_probs": REFERENCE_QUANTILES.round(4).tolist(),
+    }
+    for name, values in (("elbo", scores.elbo), ("log_marginal", scores.log_marginal)):
+        if values is None:
+            continue
+        ref[name] = {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "quantiles": np.quantile(values, REFERENCE_QUANTILES).tolist(),
+        }
+    return ref
+
+
+def baseline_summary(model: VAE, train: EncodedBatch, valid: EncodedBatch, ref: dict[str, Any]) -> dict[str, Any]:
+    base = IndependentBaseline(model.families).fit(train, steps=BASELINE_STEPS)
+    with torch.no_grad():
+        base_ll = base.log_likelihood(valid)
+    return {
+        "train_rows": len(train),
+        "val_rows": len(valid),
+        "val_log_likelihood": float(base_ll.mean()),
+        "model_val_elbo": ref["elbo"]["mean"],
+        "model_val_log_marginal": ref.get("log_marginal", {}).get("mean"),
+    }
