@@ -16,7 +16,7 @@ from jobs import query, report
 from jobs import score as score_job
 from pipeline.score import iceberg
 from pipeline.score.reader import read_scores
-from pipeline.score.scorer import FAIL_AFTER_ENV
+from pipeline.errors import FAIL_AT_ENV
 
 pytest.importorskip("pyiceberg")
 
@@ -113,7 +113,7 @@ def test_a_failed_run_commits_nothing(local, adult_model, monkeypatch):
     root, out, _ = local
     table = iceberg.load_table(str(out), None, "vaepipe.scores")
     before = [s.snapshot_id for s in table.snapshots()]
-    monkeypatch.setenv(FAIL_AFTER_ENV, "0")
+    monkeypatch.setenv(FAIL_AT_ENV, "0")
     assert run(root / "in.parquet", adult_model, out, DATE) == 1
     table = iceberg.load_table(str(out), None, "vaepipe.scores")
     assert [s.snapshot_id for s in table.snapshots()] == before
