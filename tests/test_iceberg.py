@@ -14,9 +14,9 @@ from conftest import DATA
 
 from jobs import query, report
 from jobs import score as score_job
+from pipeline.errors import FAIL_AT_ENV
 from pipeline.score import iceberg
 from pipeline.score.reader import read_scores
-from pipeline.errors import FAIL_AT_ENV
 
 pytest.importorskip("pyiceberg")
 
