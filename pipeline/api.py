@@ -220,21 +220,25 @@ def load(model_dir: str | os.PathLike, device: str = "cpu") -> Model:
 
 # ---- fit ---------------------------------------------------------------------------------------------
 def train_defaults() -> dict[str, Any]:
-    """The options of ``vaepipe train`` that :func:`fit` takes, with their defaults (from the job's parser)."""
-    from jobs.train import build_parser
+    """The options of ``vaepipe train`` that :func:`fit` takes, with their defaults (its TrainOptions)."""
+    from dataclasses import MISSING, fields
 
-    parser = build_parser()
-    return {
-        a.dest: (list(a.default) if isinstance(a.default, list | tuple) else a.default)
-        for a in parser._actions
-        if a.dest not in _RAY_ONLY and a.default is not None
-    }
+    from pipeline.train.run import TrainOptions
+
+    out = {}
+    for f in fields(TrainOptions):
+        if f.name in _RAY_ONLY:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is not MISSING and default is not None:
+            out[f.name] = list(default) if isinstance(default, list | tuple) else default
+    return out
 
 
 def _options(options: dict[str, Any]) -> Any:
     from argparse import Namespace
 
-    from jobs.train import check_args
+    from pipeline.train.run import TrainOptions
 
     defaults = train_defaults()
     unknown = sorted(set(options) - set(defaults))
@@ -243,8 +247,8 @@ def _options(options: dict[str, Any]) -> Any:
         hint = f" ({', '.join(ray_only)}: Ray options; use api.train for the Ray job)" if ray_only else ""
         raise UsageError(f"fit: unknown option(s) {', '.join(unknown)}{hint}")
     opts = Namespace(**(defaults | options))
-    # the checks of `vaepipe train`, with its Ray options at their in-process values
-    check_args(Namespace(**vars(opts), workers=1, cpus_per_worker=1, gpus_per_worker=0, bf16=False))
+    # the checks of `vaepipe train` on the options fit takes (its Ray options at their in-process defaults)
+    TrainOptions.check_values(TrainOptions(data="", spec="", model_dir="", **vars(opts)))
     return opts
 
 

@@ -84,6 +84,10 @@ class TrainOptions:
     ray_address: str | None = None
 
     def validate(self) -> None:
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The checks on the values alone (no paths): what the in-process API applies too."""
         positive = ("workers", "cpus_per_worker", "latent_dim", "epochs", "batch_size", "reference_rows", "mc_samples")
         for name in positive:
             if getattr(self, name) < 1:
