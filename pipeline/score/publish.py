@@ -10,9 +10,16 @@ Protocol:
 2. :func:`reconcile` reads back the staged files (footers, then the id columns) and checks that the
    input rows are exactly the scored rows plus the quarantined rows, every id exactly once. Any
    mismatch raises :class:`ReconciliationError` and nothing is published.
-3. :func:`publish` replaces the quarantine partition, then the scores partition (whose ``_SUCCESS``
-   is the commit point of the run). A partition with no rows still gets one empty Parquet file
-   with the fixed schema, so a reader's glob always matches.
+3. :func:`publish` makes both new partitions ready, writes a journal naming the two swaps
+   (``OUTPUT/_staging/<run_id>/_publish.json``), then replaces the quarantine partition, then the
+   scores partition, then deletes the journal. A partition with no rows still gets one empty
+   Parquet file with the fixed schema, so a reader's glob always matches.
+
+Ownership: a run writes only into a table that carries ``_vaepipe_table.json`` (or is empty), and
+replaces a partition only if it holds a vaepipe manifest (:func:`check_table`,
+:func:`check_partition_ours`). One run per partition at a time (:func:`partition_lease`). Holding
+the lease, a run first calls :func:`recover`: the staging of killed runs of its date is deleted,
+and a publish whose journal exists is completed first (rolled forward: the swaps are idempotent).
 
 Guarantees, honestly stated:
 
@@ -30,7 +37,11 @@ Guarantees, honestly stated:
   files exist until the new manifest replaces it). Readers that glob ``dt=D/*.parquet`` may see
   old and new files together in the window between the copies and the deletes. A process killed
   inside that window leaves extra files that the manifest excludes and the next run removes.
-* One writer per partition at a time: two concurrent runs for the same date are not arbitrated.
+* A process killed between the two swaps leaves scores and quarantine of different runs until the
+  next run of the date completes the journal; the reader reports that state as an error.
+* Two runs of one date: the second is refused (:class:`PartitionBusy`) while the first holds the
+  lease (a local ``flock``, released by the kernel when the holder dies; on S3 an object created
+  with ``If-None-Match: *`` whose expiry the holder renews).
 """
 
 from __future__ import annotations
