@@ -342,13 +342,10 @@ def partition_lease(output: str, run_date: str, run_id: str, seconds: float = LE
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
             raise PartitionBusy(
-                f"another run ({holder or 'unknown'}) is writing {name} of {output}; a second concurrent run of "
-                "one date is refused: wait for it to finish"
+                f"another run is writing {name} of {output} (it holds {path}); a second concurrent run of one "
+                "date is refused: wait for it to finish"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), 0)
         yield Lease()  # the kernel releases the lock when the process ends, however it ends
     finally:
         os.close(fd)
