@@ -377,8 +377,9 @@ def test_an_unreadable_manifest_is_an_error_not_a_listing(tmp_path):
 
 # ---- 8. one run per partition ---------------------------------------------------------------------------
 def test_a_second_local_run_of_a_date_is_refused_while_one_holds_it(tmp_path):
-    with publish.partition_lease(str(tmp_path), DATE, "run-1"):
-        with pytest.raises(publish.PartitionBusy, match="run-1"), publish.partition_lease(str(tmp_path), DATE, "r2"):
+    out = str(tmp_path)
+    with publish.partition_lease(out, DATE, "run-1"):
+        with pytest.raises(publish.PartitionBusy, match="another run"), publish.partition_lease(out, DATE, "run-2"):
             pass
         with publish.partition_lease(str(tmp_path), "2026-03-02", "run-3"):  # another date: fine
             pass
