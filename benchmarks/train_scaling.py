@@ -57,7 +57,7 @@ def throughput(workdir: Path, epochs: int) -> dict[int, list[float]]:
             t0 = time.perf_counter()
             if train.main(args) != 0:
                 raise RuntimeError(f"training with {workers} worker(s) failed")
-            meta = json.loads((model_dir / artifact.META).read_text())
+            meta = json.loads(Path(artifact.meta_path(str(model_dir))).read_text())
             out[workers] = [h["rows_per_s"] for h in meta["metrics"]]
             print(f"  {workers} worker(s): job wall time {time.perf_counter() - t0:.0f}s", flush=True)
     finally:

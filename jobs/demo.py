@@ -255,7 +255,7 @@ def run(args) -> int:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
 
-    with open(os.path.join(model_dir, artifact.META)) as f:
+    with open(artifact.meta_path(model_dir)) as f:
         meta = json.load(f)
     scores = reader.read_scores(scores_dir, [run_date])
     labels = ds.dataset(data.labels_path, format="parquet").to_table()

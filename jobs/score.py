@@ -31,6 +31,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per scoring batch")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per output file")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed (outputs do not depend on batching)")
+    p.add_argument(
+        "--min-observed",
+        type=int,
+        default=d.min_observed,
+        help="a record with fewer observed (non-null) features is quarantined, with the reason",
+    )
     iceberg.add_options(p)  # --table-format parquet|iceberg, --catalog, --table
     add_ray_options(p)
     return p

@@ -90,18 +90,30 @@ class InjectedFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class FailureHook:
-    """Test-only failure injection, set by ``VAEPIPE_TEST_FAIL_AT="N [M ...]"``: each scoring actor
-    raises when it starts its batch N (a failed batch does not count, so it keeps failing there); the
-    last training worker raises at the start of epoch N, once per ``marker`` (a file ``MARKER.N``
-    records that it fired).
+    """Test-only failure injection, set by ``VAEPIPE_TEST_FAIL_AT="N [M ...] [kill:POINT ...]"``: each
+    scoring actor raises when it starts its batch N (a failed batch does not count, so it keeps failing
+    there); the last training worker raises at the start of epoch N, once per ``marker`` (a file
+    ``MARKER.N`` records that it fired). ``kill:POINT``: the process SIGKILLs itself when it reaches
+    the named point (:meth:`kill_point`; the publish steps name theirs).
     Crosses to Ray as a plain dict."""
 
     at: tuple[int, ...] = ()
     marker: str | None = None
+    kill_at: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, marker: str | None = None) -> FailureHook:
-        return cls(tuple(int(v) for v in os.environ.get(FAIL_AT_ENV, "").split()), marker)
+        tokens = os.environ.get(FAIL_AT_ENV, "").split()
+        at = tuple(int(v) for v in tokens if not v.startswith("kill:"))
+        kill_at = tuple(v[len("kill:") :] for v in tokens if v.startswith("kill:"))
+        return cls(at, marker, kill_at)
+
+    def kill_point(self, name: str) -> None:
+        """SIGKILL this process here when asked to (a crash no cleanup code can see)."""
+        if name in self.kill_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,7 +121,7 @@ class FailureHook:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> FailureHook:
         d = d or {}
-        return cls(tuple(d.get("at", ())), d.get("marker"))
+        return cls(tuple(d.get("at", ())), d.get("marker"), tuple(d.get("kill_at", ())))
 
     def check(self, step: int, what: str) -> None:
         """Raise :class:`InjectedFailure` at ``step`` when asked to (``what``: "batch", "epoch")."""

@@ -6,6 +6,8 @@ Layout (``OUTPUT`` local or ``s3://``; every name below is defined here and used
     OUTPUT/dt=YYYY-MM-DD/_manifest.json, _SUCCESS      MANIFEST and SUCCESS, written after the data files
     OUTPUT/_quarantine/dt=YYYY-MM-DD/...               QUARANTINE: rows that could not be scored
     OUTPUT/_staging/<run_id>/                          STAGING: a run's work in progress
+    OUTPUT/_vaepipe_table.json                         TABLE_MARKER: the table is vaepipe's (first write)
+    OUTPUT/_leases/dt=YYYY-MM-DD.{lock,json}           LEASES: one run per partition at a time
 
 Schema: see the README, "The scores table". Every writer hands :func:`scores_schema` to the Parquet
 writer so no batch can drift its types; :func:`scores_to_table` builds a batch of rows in exactly
@@ -37,6 +39,10 @@ SUCCESS = "_SUCCESS"  # a partition's commit marker
 MANIFEST = "_manifest.json"  # the run's record, listing the partition's data files
 QUARANTINE = "_quarantine"  # OUTPUT/_quarantine/dt=YYYY-MM-DD: rows that could not be scored
 STAGING = "_staging"  # OUTPUT/_staging/<run_id>: a run's files before publish
+STAGING_RUN = "_run.json"  # OUTPUT/_staging/<run_id>/_run.json: the run's date (written first)
+PUBLISH_JOURNAL = "_publish.json"  # OUTPUT/_staging/<run_id>/_publish.json: a publish in progress
+TABLE_MARKER = "_vaepipe_table.json"  # OUTPUT/_vaepipe_table.json: written by the first run
+LEASES = "_leases"  # OUTPUT/_leases/dt=D.lock (local flock) or dt=D.json (S3 lease object)
 ROW_GROUP_ROWS = 65_536  # rows per Parquet row group, in every file vaepipe writes
 PARQUET_COMPRESSION = "zstd"
 

@@ -381,7 +381,7 @@ def test_train_and_score_as_jobs_on_two_nodes(cluster, s3):
     for log in (train_log, score_log):
         assert cluster.token not in log, "the cluster token leaked into a job log"
 
-    model_id = json.loads(fs.open_input_file(f"{prefix}/model/model.json").read())["model_id"]
+    model_id = json.loads(fs.open_input_file(f"{prefix}/model/LATEST").read())["model_id"]  # the pointer
     check_scores_table(fs, f"{prefix}/scores", table, model_id, latent_dim=train_args.latent_dim)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from jobs import report as report_job
 from pipeline import report
+from pipeline.core import artifact
 
 DATA = Path(__file__).parent / "data"
 RUN_DATE = "2026-11-23"
@@ -110,7 +111,7 @@ def test_report_content_matches_the_run(adult_run, adult_report):
     import json
 
     text = adult_report.read_text()
-    with open(os.path.join(adult_run["model_dir"], "model.json")) as f:
+    with open(artifact.meta_path(adult_run["model_dir"])) as f:
         meta = json.load(f)
     assert meta["model_id"] in text
     assert f"{ROWS - _quarantined(adult_run):,}" in text  # rows scored

@@ -25,10 +25,17 @@ import pytest
 from helpers import DATA
 
 from jobs import score
-from pipeline.core.artifact import load_model
+from pipeline.core.artifact import load_model, resolve_model
 from pipeline.errors import FAIL_AT_ENV
 from pipeline.score import publish
-from schemas.output_table import META_IW_SAMPLES, META_MC_SAMPLES, META_MODEL_ID, META_RUN_ID, META_SCHEMA_VERSION
+from schemas.output_table import (
+    META_IW_SAMPLES,
+    META_MC_SAMPLES,
+    META_MODEL_ID,
+    META_RUN_ID,
+    META_SCHEMA_VERSION,
+    TABLE_MARKER,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -346,10 +353,11 @@ def test_input_and_output_on_s3(model_dir, s3, ray_local):
     for i in range(2):
         pq.write_table(src.slice(i * 750, 750), f"vaepipe-test/score/in/part-{i}.parquet", filesystem=fs)
     model_s3 = "vaepipe-test/score/model"
-    for f in os.listdir(model_dir):
+    version = resolve_model(model_dir).location  # one version's directory: an artifact directory
+    for f in os.listdir(version):
         fs.create_dir(model_s3)
         with fs.open_output_stream(f"{model_s3}/{f}") as o:
-            o.write(Path(model_dir, f).read_bytes())
+            o.write(Path(version, f).read_bytes())
     out = "s3://vaepipe-test/score/out"
 
     def listing():
@@ -365,8 +373,9 @@ def test_input_and_output_on_s3(model_dir, s3, ray_local):
         [f"{part}/_SUCCESS", f"{part}/_manifest.json", *(f[len("s3://"):] for f in data_files)]
         + [f["file"][len("s3://"):] for f in manifest["quarantine_files"]]
         + [f"vaepipe-test/score/out/_quarantine/dt={DATE}/_SUCCESS",
-           f"vaepipe-test/score/out/_quarantine/dt={DATE}/_manifest.json"]
-    )  # fmt: skip
+           f"vaepipe-test/score/out/_quarantine/dt={DATE}/_manifest.json",
+           f"vaepipe-test/score/out/{TABLE_MARKER}"]
+    )  # fmt: skip  (no staging, no lease left behind)
     t = pads.dataset(f"{part}/", filesystem=fs, format="parquet").to_table().sort_by("record_id")
     assert t.num_rows == 1500 and manifest["scored_rows"] == 1500
     assert t.column("record_id").to_pylist() == src.column("record_id").to_pylist()

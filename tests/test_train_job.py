@@ -19,6 +19,7 @@ import torch
 from helpers import DATA, dataset_spec
 
 from jobs import train
+from pipeline.core import artifact
 from pipeline.core.artifact import load_model
 from pipeline.core.codec import TableCodec, fit_families, partial_stats
 from pipeline.core.model import VAE, VAEConfig
@@ -144,7 +145,7 @@ def test_bad_shard_exits_3_naming_the_file_and_writes_nothing(adult, spec_file, 
 # ---- training runs -------------------------------------------------------------------------------
 def test_two_worker_training_on_adult(adult_model, adult):
     """The adult_model fixture: 2 CPU workers on the real adult data (missing values, zero-heavy money)."""
-    meta = json.loads(Path(adult_model, "model.json").read_text())
+    meta = json.loads(Path(artifact.meta_path(adult_model)).read_text())
     history = meta["metrics"]
     assert [h["epoch"] for h in history] == list(range(len(history))) and len(history) >= 2
     assert history[-1]["val_elbo"] > history[0]["val_elbo"]  # validation elbo improves over epochs
@@ -161,7 +162,13 @@ def test_two_worker_training_on_adult(adult_model, adult):
     assert meta["data"]["rows"] == adult.num_rows and meta["data"]["files"][0]["rows"] == adult.num_rows
     assert meta["data"]["val_rows"] == history[-1]["val_rows"]  # the split the stats pass saw is the one trained on
     assert meta["train_config"]["epochs"] == 2 and meta["versions"]["ray"]
-    assert sorted(os.listdir(adult_model)) == ["model.json", "model.safetensors"]  # checkpoints cleaned up
+    # one complete version named by the pointer; the checkpoints are cleaned up
+    assert sorted(os.listdir(adult_model)) == [artifact.POINTER, artifact.VERSIONS]
+    assert os.listdir(Path(adult_model, artifact.VERSIONS)) == [meta["model_id"]]
+    assert sorted(os.listdir(Path(adult_model, artifact.VERSIONS, meta["model_id"]))) == [
+        artifact.META,
+        artifact.WEIGHTS,
+    ]
 
     # the artifact reloads and scores identically in a fresh process
     code = (
@@ -200,14 +207,14 @@ def test_worker_failure_resumes_from_the_checkpoint(adult, spec_file, tmp_path, 
     rc = train.main([*base, "--max-failures", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "--resume" in err, err
-    assert not (model_dir / "model.json").exists()  # no model published
+    assert not (model_dir / artifact.POINTER).exists() and not (model_dir / artifact.VERSIONS).exists()
     assert (model_dir / "_checkpoints" / "run.json").exists()
 
     # 2. --resume continues at epoch 1; the worker lost at epoch 2 is restarted by Ray Train from the
     #    checkpoint of epoch 1 (max_failures=1), not from scratch
     rc = train.main([*base, "--max-failures", "1", "--resume"])
     assert rc == 0, capsys.readouterr().err
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = json.loads(Path(artifact.meta_path(str(model_dir))).read_text())
     assert meta["resumed_at_epochs"] == [1, 2]
     assert [h["epoch"] for h in meta["metrics"]] == [0, 1, 2]
     assert load_model(str(model_dir)).model_id == meta["model_id"]

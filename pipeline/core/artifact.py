@@ -1,18 +1,35 @@
 """The model artifact: everything the scorer needs to rebuild the model, and nothing to unpickle.
 
-``MODEL_DIR/model.safetensors``  weights (safetensors)
-``MODEL_DIR/model.json``         spec, fitted statistics, architecture, training config, metrics,
-                                 data fingerprint, library versions, reference score distribution,
-                                 and ``model_id``: a content hash of the weights and all of the above.
+One model (an *artifact directory*)::
+
+    model.safetensors  weights (safetensors)
+    model.json         spec, fitted statistics, architecture, training config, metrics, data
+                       fingerprint, library versions, reference score distribution, and ``model_id``:
+                       a content hash of the weights and all of the above.
 
 model.json is written last, so a directory without it holds no model.
+
+A *model directory* as ``vaepipe train`` writes it (:func:`publish_model`) keeps every model it
+trained, whole, under its id, and names the latest with a small pointer written last::
+
+    MODEL_DIR/versions/<model_id>/   an artifact directory (built in versions/.staging-*, then renamed;
+                                     on S3 model.json, written last, completes it)
+    MODEL_DIR/LATEST                 {"model_id": ..., "path": "versions/<model_id>"}: the pointer
+    MODEL_DIR/_checkpoints/          training checkpoints (not part of any model)
+
+A retrained model never changes a version another reader has resolved. :func:`resolve_model` turns a
+model directory (pointer), or a plain artifact directory, into one artifact directory and its id;
+:func:`load_model` reads either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +46,9 @@ from schemas.feature_spec import FeatureSpec
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
+VERSIONS = "versions"  # MODEL_DIR/versions/<model_id>/: one artifact directory per trained model
+POINTER = "LATEST"  # MODEL_DIR/LATEST: JSON naming the latest version, written last
+_STAGING_PREFIX = ".staging-"  # MODEL_DIR/versions/.staging-<uuid>: a version being written (local)
 
 
 @dataclass
@@ -36,6 +56,7 @@ class ModelArtifact:
     model: VAE
     spec: FeatureSpec
     meta: dict[str, Any]
+    location: str = ""  # the artifact directory it was read from (a pointer resolved)
 
     @property
     def model_id(self) -> str:
@@ -114,11 +135,79 @@ def save_model(model_dir: str, model: VAE, spec: FeatureSpec, **extra: Any) -> s
     return write_artifact(model_dir, new_artifact(model, spec, **extra))
 
 
+def version_dir(model_dir: str, model_id: str) -> str:
+    return storage.join(model_dir, VERSIONS, model_id)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    location: str  # an artifact directory
+    model_id: str | None  # from the pointer; None for a plain artifact directory (read model.json)
+
+
+def resolve_model(model_dir: str) -> ResolvedModel:
+    """The artifact directory a model directory names now: its pointer's version, else itself."""
+    try:
+        pointer = json.loads(storage.read_text(storage.join(model_dir, POINTER)))
+    except FileNotFoundError:
+        return ResolvedModel(model_dir, None)
+    except ValueError as e:
+        raise UsageError(f"{model_dir}: unreadable {POINTER} pointer ({e})") from e
+    model_id = pointer.get("model_id") if isinstance(pointer, dict) else None
+    if not isinstance(model_id, str) or not model_id or "/" in model_id or model_id.startswith("."):
+        raise UsageError(f"{model_dir}: {POINTER} does not name a model version")
+    return ResolvedModel(version_dir(model_dir, model_id), model_id)
+
+
+def meta_path(model_dir: str) -> str:
+    """model.json of the model a model directory (or an artifact directory) names now."""
+    return storage.join(resolve_model(model_dir).location, META)
+
+
+def publish_model(model_dir: str, model: VAE, spec: FeatureSpec, **extra: Any) -> str:
+    """Write a complete new version under MODEL_DIR/versions/<model_id>, then point LATEST at it.
+
+    Nothing already there is changed: a version is written beside the others (staged and renamed
+    locally; on S3 its model.json, written last, completes it) and the pointer is replaced last, in
+    one rename (local) or one PUT (S3). Returns model_id."""
+    weights = _weights_bytes(model)
+    meta = build_meta(model, spec, **extra)
+    meta["model_id"] = model_id = content_hash(weights, meta)
+    target = version_dir(model_dir, model_id)
+    meta_text = json.dumps(meta, indent=2, sort_keys=False, default=str)
+    if not storage.exists(storage.join(target, META)):  # the same id is the same content: keep it
+        if storage.is_s3(model_dir):
+            storage.write_bytes(storage.join(target, WEIGHTS), weights)
+            storage.write_text(storage.join(target, META), meta_text)
+        else:
+            stage = storage.join(model_dir, VERSIONS, f"{_STAGING_PREFIX}{uuid.uuid4().hex}")
+            storage.write_bytes(storage.join(stage, WEIGHTS), weights)
+            storage.write_text(storage.join(stage, META), meta_text)
+            if storage.exists(target):  # a version left incomplete (no model.json) by a killed run
+                for name in storage.list_dir(target):
+                    storage.delete_file(storage.join(target, name))
+                storage.remove_empty_dir(target)
+            os.rename(storage.fs_path(stage), storage.fs_path(target))
+    pointer = json.dumps({"model_id": model_id, "path": f"{VERSIONS}/{model_id}", "updated_at": time.time()})
+    if storage.is_s3(model_dir):
+        storage.write_text(storage.join(model_dir, POINTER), pointer + "\n")
+    else:
+        tmp = storage.join(model_dir, f"{_STAGING_PREFIX}{POINTER}-{uuid.uuid4().hex}")
+        storage.write_text(tmp, pointer + "\n")
+        os.replace(storage.fs_path(tmp), storage.fs_path(storage.join(model_dir, POINTER)))
+    return model_id
+
+
 def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtifact:
+    """Read a model: a model directory (its LATEST pointer resolved) or a plain artifact directory."""
+    resolved = resolve_model(model_dir)
+    model_dir = resolved.location
     try:
         meta = json.loads(storage.read_text(storage.join(model_dir, META)))
     except FileNotFoundError as e:
         raise UsageError(f"no model at {model_dir} ({META} not found)") from e
+    if resolved.model_id is not None and meta.get("model_id") != resolved.model_id:
+        raise UsageError(f"{model_dir}: holds model {meta.get('model_id')}, not {resolved.model_id} as its name says")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{model_dir}: unsupported model format {meta.get('format_version')}")
     spec = FeatureSpec.from_dict(meta["spec"], source=f"{model_dir}/{META}")
@@ -129,4 +218,4 @@ def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtif
         raise UsageError(f"{model_dir}: weights or model.json do not match model_id {meta['model_id']}")
     model.load_state_dict(st_load(weights))
     model.to(device).eval()
-    return ModelArtifact(model, spec, meta)
+    return ModelArtifact(model, spec, meta, model_dir)

@@ -78,6 +78,21 @@ def preflight(uri: str, spec: FeatureSpec, allow_empty_files: bool = False) -> I
     return InputData(uri, files, schema)
 
 
+def find_unreadable(data: InputData, spec: FeatureSpec) -> InputDataError | None:
+    """Read every page of the spec's columns, file by file: the first file that cannot be decoded
+    (a corrupt page behind a valid footer, which no footer check sees), as an InputDataError naming
+    it; None if every file reads. Costs a full read: for explaining a failure, not for pre-flight."""
+    fs = data.filesystem()
+    for f in data.files:
+        try:
+            with fs.open_input_file(f.path) as fh:
+                for _ in pq.ParquetFile(fh).iter_batches(columns=list(spec.columns), batch_size=65_536):
+                    pass
+        except Exception as e:  # noqa: BLE001 -- whatever the decoder says, name the file
+            return InputDataError(f"unreadable Parquet data ({type(e).__name__}: {e})", file=f.uri)
+    return None
+
+
 def _same_kind(a: pa.DataType, b: pa.DataType) -> bool:
     def kind(t):
         if pa.types.is_dictionary(t):

@@ -7,6 +7,7 @@ Credentials are never logged or stored.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import posixpath
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import InputDataError
+from pipeline.errors import InputDataError, UsageError
 
 _S3_ENDPOINT: str | None = None
 
@@ -54,6 +55,44 @@ def fs_path(uri: str) -> str:
     if is_s3(uri):
         return uri[len("s3://") :].rstrip("/")
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def _normalised(uri: str) -> tuple[str, str]:
+    """(scheme, path) for comparing locations: s3 -> ("s3", "bucket/key"), local -> ("file", realpath).
+
+    A glob is cut at the directory before its first wildcard: that directory is what it can match.
+    """
+    if is_s3(uri):
+        path = uri[len("s3://") :]
+        scheme = "s3"
+    else:
+        path = os.path.expanduser(uri)
+        scheme = "file"
+    cut = min((i for i, ch in enumerate(path) if ch in "*?["), default=None)
+    if cut is not None:
+        path = path[: path.rfind("/", 0, cut) + 1] or "."
+    if scheme == "s3":
+        return scheme, posixpath.normpath("/" + path).strip("/")
+    return scheme, os.path.realpath(path)
+
+
+def ensure_disjoint(*named: tuple[str, str | None]) -> None:
+    """Refuse (UsageError, exit 2) any two of the named locations where one contains the other.
+
+    ``named``: ``("--data", uri)`` pairs (a None uri is skipped). Local paths are compared after
+    ``realpath`` (symlinks and ``..`` resolved), s3 URIs by bucket/key prefix, on path components.
+    """
+    items = [(flag, uri, _normalised(uri)) for flag, uri in named if uri]
+    for i, (flag_a, uri_a, (scheme_a, a)) in enumerate(items):
+        for flag_b, uri_b, (scheme_b, b) in items[i + 1 :]:
+            if scheme_a != scheme_b:
+                continue
+            sep = "/" if scheme_a == "s3" else os.sep
+            if a == b or b.startswith(a.rstrip(sep) + sep) or a.startswith(b.rstrip(sep) + sep) or not a or not b:
+                raise UsageError(
+                    f"{flag_a} {uri_a} and {flag_b} {uri_b} overlap (one contains the other): "
+                    "the job would write over what it reads or writes elsewhere; give them disjoint locations"
+                )
 
 
 def to_uri(uri_like: str, path: str) -> str:
@@ -155,3 +194,23 @@ def delete_dir(uri: str) -> None:
     loc = locate(uri)
     if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
         loc.fs.delete_dir(loc.path)
+
+
+def list_dir(uri: str) -> list[str]:
+    """The names directly under a directory (empty if it does not exist)."""
+    loc = locate(uri)
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def delete_file(uri: str) -> None:
+    loc = locate(uri)
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
+def remove_empty_dir(uri: str) -> None:
+    """Remove a local directory if it is empty (S3 has no directories: nothing to do)."""
+    if not is_s3(uri):
+        with contextlib.suppress(OSError):
+            os.rmdir(fs_path(uri))

@@ -2,8 +2,10 @@
 
 ``OUTPUT/dt=YYYY-MM-DD/*.parquet`` (hive partitioning; ``dt`` becomes a string column). Only
 partitions whose ``_SUCCESS`` marker exists are read: a partition being written (or abandoned by a
-failed run) is never half-read. ``_quarantine/``, ``_manifest.json`` and other ``_``/``.`` names are
-not scores and are skipped.
+failed run) is never half-read. A partition's files are those its ``_manifest.json`` names (never
+a listing: on S3 a listing can show two runs' files during a publish); a published partition whose
+manifest is missing or unreadable is an error, as is one whose quarantine partition was published by
+another run (an interrupted publish, which the next run of that date completes).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import InputDataError
 from pipeline.io import storage
-from schemas.output_table import MANIFEST, PARTITION_KEY, SUCCESS, partition_date, partition_name
+from schemas.output_table import MANIFEST, PARTITION_KEY, QUARANTINE, SUCCESS, partition_date, partition_name
 
 log = logging.getLogger("vaepipe")
 
@@ -56,21 +58,9 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
     if not published:
         raise InputDataError(f"no published partitions ({partition_name('YYYY-MM-DD')} with {SUCCESS})", file=uri)
     loc = storage.locate(uri)
-    roots = [posixpath.join(loc.path, partition_name(d)) for d in published]
     files = []
-    for root in roots:
-        listed = _manifest_files(loc.fs, root)
-        if listed is not None:
-            files += listed
-            continue
-        sel = pafs.FileSelector(root, recursive=True)
-        files += sorted(
-            i.path
-            for i in loc.fs.get_file_info(sel)
-            if i.type == pafs.FileType.File
-            and i.path.endswith(".parquet")
-            and not any(p.startswith(("_", ".")) for p in posixpath.relpath(i.path, root).split("/"))
-        )
+    for date in published:
+        files += _manifest_files(uri, date)
     if not files:
         raise InputDataError("published partitions hold no Parquet files", file=uri)
     partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
@@ -79,17 +69,39 @@ def open_scores(uri: str, run_dates: list[str] | None = None) -> ds.Dataset:
     )
 
 
-def _manifest_files(fs: pafs.FileSystem, root: str) -> list[str] | None:
-    """The data files a partition's manifest names (as paths under `root`), or None without a list."""
+def _read_manifest(partition: str) -> dict | None:
+    """A partition's manifest; None if it has none; InputDataError if it cannot be read."""
+    path = storage.join(partition, MANIFEST)
     try:
-        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as f:
-            manifest = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+        manifest = json.loads(storage.read_text(path))
+    except FileNotFoundError:
         return None
-    entries = manifest.get("output_files") if isinstance(manifest, dict) else None
+    except (OSError, ValueError) as e:
+        raise InputDataError(f"unreadable manifest ({type(e).__name__}: {e})", file=path) from e
+    if not isinstance(manifest, dict):
+        raise InputDataError("the manifest is not a JSON object", file=path)
+    return manifest
+
+
+def _manifest_files(uri: str, date: str) -> list[str]:
+    """The data files a published partition's manifest names (filesystem paths)."""
+    root = storage.join(uri, partition_name(date))
+    manifest = _read_manifest(root)
+    path = storage.join(root, MANIFEST)
+    if manifest is None:
+        raise InputDataError(f"published partition without {MANIFEST}", file=path)
+    entries = manifest.get("output_files")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
-        return None
-    return [posixpath.join(root, posixpath.basename(str(e["file"]))) for e in entries]
+        raise InputDataError("the manifest lists no output_files", file=path)
+    quarantine = _read_manifest(storage.join(uri, QUARANTINE, partition_name(date)))
+    if quarantine is not None and quarantine.get("run_id") != manifest.get("run_id"):
+        raise InputDataError(
+            f"{partition_name(date)} holds run {manifest.get('run_id')} but its quarantine run "
+            f"{quarantine.get('run_id')}: a publish was interrupted; the next run of that date completes it",
+            file=path,
+        )
+    base = storage.fs_path(root)
+    return [posixpath.join(base, posixpath.basename(str(e["file"]))) for e in entries]
 
 
 def read_scores(uri: str, run_dates: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:

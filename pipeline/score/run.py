@@ -1,10 +1,14 @@
 """The scoring run: what ``vaepipe score`` does beyond its flags.
 
-Phases: **setup** (load the model, pre-flight every input file, read the input ids), **score**
-(read_parquet -> map_batches(:class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
-``OUTPUT/_staging/<run_id>/``), **check** (reconcile the staged rows and ids against the input),
-**publish** (replace ``OUTPUT/dt=RUN_DATE`` and its quarantine partition; the guarantee is in
-:mod:`pipeline.score.publish`), **cleanup** (delete the staging directory, whatever happened).
+Phases: **setup** (refuse overlapping paths and an --output that is not a vaepipe table; resolve the
+model once; pre-flight every input file; read the input ids), **lease** (one run per partition:
+:func:`~pipeline.score.publish.partition_lease`; then complete or clean up what killed runs of the
+date left, :func:`~pipeline.score.publish.recover`), **score** (read_parquet ->
+map_batches(:class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
+``OUTPUT/_staging/<run_id>/``; skipped for an input with no rows), **check** (reconcile the staged
+rows and ids against the input), **publish** (replace ``OUTPUT/dt=RUN_DATE`` and its quarantine
+partition; the guarantee is in :mod:`pipeline.score.publish`), **cleanup** (delete the staging
+directory, unless it holds an unfinished publish's journal).
 """
 
 from __future__ import annotations
@@ -16,15 +20,21 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline.core.artifact import load_model
+from pipeline.core.artifact import load_model, resolve_model
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.errors import FailureHook, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
-from pipeline.io.inputs import preflight, read_dataset
+from pipeline.io.inputs import find_unreadable, preflight, read_dataset
 from pipeline.runtime import init_ray
 from pipeline.score import iceberg, publish
 from pipeline.score.publish import Published, Reconciliation
-from pipeline.score.scorer import BatchScorer, ScoreSettings, output_schemas, serialize_schema
+from pipeline.score.scorer import (
+    DEFAULT_MIN_OBSERVED,
+    BatchScorer,
+    ScoreSettings,
+    output_schemas,
+    serialize_schema,
+)
 from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VERSION, partition_uri
 
 log = logging.getLogger("vaepipe.score")
@@ -51,6 +61,7 @@ class ScoreOptions:
     batch_size: int = 4096
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     seed: int = 0
+    min_observed: int = DEFAULT_MIN_OBSERVED
     table_format: str = "parquet"  # parquet | iceberg
     catalog: str | None = None  # Iceberg catalog URI or configured name (None: OUTPUT/_catalog.db)
     table: str = iceberg.DEFAULT_TABLE  # Iceberg NAMESPACE.NAME
@@ -58,12 +69,15 @@ class ScoreOptions:
 
     def validate(self) -> str:
         """Check the options; returns the run date."""
-        lows = {"mc_samples": 1, "iw_samples": 0, "workers": 1, "batch_size": 1, "rows_per_file": 1}
+        lows = {"mc_samples": 1, "iw_samples": 0, "workers": 1, "batch_size": 1, "rows_per_file": 1, "min_observed": 0}
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.gpus_per_worker < 0:
             raise UsageError("--gpus-per-worker must be >= 0")
+        # the run replaces what it writes under --output: it must hold neither the input nor the model
+        storage.ensure_disjoint(("--output", self.output), ("--data", self.data))
+        storage.ensure_disjoint(("--output", self.output), ("--model-dir", self.model_dir))
         run_date = self.run_date or dt.datetime.now(dt.UTC).date().isoformat()
         try:
             if dt.date.fromisoformat(str(run_date)).isoformat() != str(run_date):
@@ -89,106 +103,128 @@ def new_run_id() -> str:
 
 def run_scoring(opts: ScoreOptions) -> ScoreResult:
     """The whole scoring run (see the module docstring); nothing is published unless every row is
-    accounted for, and the staging directory is deleted whatever happens."""
+    accounted for, and the run deletes or replaces only what it made."""
     # ---- setup: everything that can refuse the job before any work starts -----------------------------
     run_date = opts.validate()
     if opts.table_format == "iceberg":
         iceberg.check_options(opts.output, opts.catalog, opts.table)
+    publish.check_table(opts.output)
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    artifact = load_model(opts.model_dir)
+    resolved = resolve_model(opts.model_dir)  # once: every actor loads this version and checks its id
+    artifact = load_model(resolved.location)
     spec = artifact.spec
-    data = preflight(opts.data, spec)
+    data = preflight(opts.data, spec, allow_empty_files=True)
     ids_in = publish.input_ids(data, spec.id_columns)
     run_id = new_run_id()
+    hook = FailureHook.from_env()
     settings = ScoreSettings(
-        model_dir=opts.model_dir,
+        model_dir=resolved.location,
+        expected_model_id=artifact.model_id,
         run_id=run_id,
         input_schema=serialize_schema(data.schema),
         mc_samples=opts.mc_samples,
         iw_samples=opts.iw_samples,
         seed=opts.seed,
+        min_observed=opts.min_observed,
         device="cuda" if opts.gpus_per_worker > 0 else "cpu",
         s3_endpoint=storage.s3_endpoint(),
-        failure_hook=FailureHook.from_env().to_dict(),
+        failure_hook=hook.to_dict(),
         extra_metadata={"run_date": run_date},
     )
     staging = publish.Staging(opts.output, run_id)
     settings.quarantine_dir = staging.quarantine
     scores_schema, quarantine_schema = output_schemas(artifact, settings)
+    publish.check_partition_ours(partition_uri(opts.output, run_date))
     log.info(
         "run %s: scoring %d rows in %d files with model %s into %s",
         run_id, data.rows, len(data.files), artifact.model_id, partition_uri(opts.output, run_date),
     )  # fmt: skip
 
+    with publish.partition_lease(opts.output, run_date, run_id) as lease:
+        publish.recover(opts.output, run_date)  # what killed runs of this date left
+        publish.claim_table(opts.output, run_id)
+        staging.begin(run_date)
+        try:
+            if data.rows:
+                _score_into_staging(opts, data, spec, settings, staging, scores_schema)
+            hook.kill_point("scored")
+            # ---- check, then publish ----------------------------------------------------------------
+            rec = publish.reconcile(staging, ids_in, spec.id_columns)
+            finished = dt.datetime.now(dt.UTC)
+            manifest = {
+                "run_id": run_id,
+                "run_date": run_date,
+                "model_id": artifact.model_id,
+                "model_dir": opts.model_dir,
+                "model_version": resolved.location,
+                "schema_version": SCHEMA_VERSION,
+                "mc_samples": opts.mc_samples,
+                "iw_samples": opts.iw_samples,
+                "min_observed": opts.min_observed,
+                "seed": opts.seed,
+                "input": data.uri,
+                "input_files": [{"file": f.uri, "rows": f.rows} for f in data.files],
+                "input_rows": data.rows,
+                "scored_rows": rec.scored_rows,
+                "quarantined_rows": rec.quarantined_rows,
+                "started_at": started.isoformat(),
+                "finished_at": finished.isoformat(),
+            }
+            lease.check()
+            if opts.table_format == "iceberg":  # one snapshot replacing the run date's partition
+                published = iceberg.publish(
+                    staging, run_date, rec, manifest, scores_schema, quarantine_schema, opts.catalog, opts.table
+                )
+            else:
+                published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema, hook)
+        except VaepipeError:
+            raise
+        except Exception as e:
+            cause = vaepipe_error_in(e)
+            if cause is not None:
+                raise cause from e
+            bad_input = find_unreadable(data, spec)  # a corrupt page behind a valid footer: exit 3
+            if bad_input is not None:
+                raise bad_input from e
+            log.debug("scoring failed", exc_info=True)
+            raise ScoringFailed(f"scoring failed, nothing published: {root_message(e)}") from e
+        finally:
+            staging.discard()
+    return ScoreResult(run_id, artifact.model_id, data.rows, time.perf_counter() - t0, rec, published)
+
+
+def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> None:
+    """read -> map_batches(BatchScorer) -> write_parquet into the run's staging (Ray Data)."""
     from ray.data import ActorPoolStrategy
 
     # a local instance gets a logical CPU beyond the actors, for the read and write tasks
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers + 1))
     _check_capacity(opts)
-    try:
-        # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
-        ds = read_dataset(data, spec)
-        if len(data.files) < 2 * opts.workers:
-            # few input files (perhaps one row group each): split their blocks (streaming, no
-            # shuffle) so that every actor gets work
-            per_block = max(opts.batch_size, -(-data.rows // (2 * opts.workers)))
-            ds = ds.repartition(target_num_rows_per_block=per_block)
-        resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
-        ds = ds.map_batches(
-            BatchScorer,
-            fn_constructor_kwargs={"settings": settings.to_dict()},
-            batch_size=opts.batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=opts.workers),
-            **resources,
-        )
-        out = storage.locate(staging.scores)
-        ds.write_parquet(
-            out.path,
-            filesystem=out.fs,
-            schema=scores_schema,
-            compression=PARQUET_COMPRESSION,
-            row_group_size=ROW_GROUP_ROWS,
-            min_rows_per_file=opts.rows_per_file,
-        )
-        # ---- check, then publish ------------------------------------------------------------------
-        rec = publish.reconcile(staging, ids_in, spec.id_columns)
-        finished = dt.datetime.now(dt.UTC)
-        manifest = {
-            "run_id": run_id,
-            "run_date": run_date,
-            "model_id": artifact.model_id,
-            "model_dir": opts.model_dir,
-            "schema_version": SCHEMA_VERSION,
-            "mc_samples": opts.mc_samples,
-            "iw_samples": opts.iw_samples,
-            "seed": opts.seed,
-            "input": data.uri,
-            "input_files": [{"file": f.uri, "rows": f.rows} for f in data.files],
-            "input_rows": data.rows,
-            "scored_rows": rec.scored_rows,
-            "quarantined_rows": rec.quarantined_rows,
-            "started_at": started.isoformat(),
-            "finished_at": finished.isoformat(),
-        }
-        if opts.table_format == "iceberg":  # one snapshot replacing the run date's partition
-            published = iceberg.publish(
-                staging, run_date, rec, manifest, scores_schema, quarantine_schema, opts.catalog, opts.table
-            )
-        else:
-            published = publish.publish(staging, run_date, rec, manifest, scores_schema, quarantine_schema)
-    except VaepipeError:
-        raise
-    except Exception as e:
-        cause = vaepipe_error_in(e)
-        if cause is not None:
-            raise cause from e
-        log.debug("scoring failed", exc_info=True)
-        raise ScoringFailed(f"scoring failed, nothing published: {root_message(e)}") from e
-    finally:
-        staging.discard()
-    return ScoreResult(run_id, artifact.model_id, data.rows, time.perf_counter() - t0, rec, published)
+    ds = read_dataset(data, spec)
+    if len(data.files) < 2 * opts.workers:
+        # few input files (perhaps one row group each): split their blocks (streaming, no
+        # shuffle) so that every actor gets work
+        per_block = max(opts.batch_size, -(-data.rows // (2 * opts.workers)))
+        ds = ds.repartition(target_num_rows_per_block=per_block)
+    resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
+    ds = ds.map_batches(
+        BatchScorer,
+        fn_constructor_kwargs={"settings": settings.to_dict()},
+        batch_size=opts.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=opts.workers),
+        **resources,
+    )
+    out = storage.locate(staging.scores)
+    ds.write_parquet(
+        out.path,
+        filesystem=out.fs,
+        schema=scores_schema,
+        compression=PARQUET_COMPRESSION,
+        row_group_size=ROW_GROUP_ROWS,
+        min_rows_per_file=opts.rows_per_file,
+    )
 
 
 def _check_capacity(opts: ScoreOptions) -> None:

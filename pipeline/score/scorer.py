@@ -5,20 +5,22 @@
   the offending column and every original value. The plain benchmark loop calls it too.
 * :class:`BatchScorer` -- loads the model once per actor (``__init__``), then ``__call__(batch)``
   scores a ``pyarrow.Table`` under ``torch.inference_mode`` and returns the scored rows; it writes
-  the batch's quarantined rows itself, to the run's staging prefix, under a name derived from the
-  rows' record keys (so a retried batch overwrites its own file instead of duplicating it).
+  the batch's quarantined rows itself, to the run's staging prefix, under a name that cannot collide
+  with any other batch's (the run id and a fresh uuid; never a name derived from the rows' ids,
+  which may be null).
 
-A row cannot be scored when an id column is null, or when the feature codec lists it as invalid
+A row cannot be scored when an id column is null, when the feature codec lists it as invalid
 (inf, a negative value in a positive column, a non-integer count, an unknown ordinal or binary
-level). Missing feature values are scored (masked); unseen categorical labels are scored with the
-out-of-vocabulary class.
+level), or when fewer than ``min_observed`` of its features are present (a record with nothing
+observed has no likelihood worth ranking). Other missing feature values are scored (masked);
+unseen categorical labels are scored with the out-of-vocabulary class.
 
 The settings cross to the Ray actors as a plain dict (:meth:`ScoreSettings.to_dict`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ import torch
 from pipeline.core.artifact import ModelArtifact, load_model
 from pipeline.core.likelihoods.base import as_array, plain_type
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
-from pipeline.errors import FailureHook
+from pipeline.errors import FailureHook, VaepipeError
 from pipeline.io import storage
 from schemas.output_table import (
     META_IW_SAMPLES,
@@ -48,6 +50,15 @@ from schemas.output_table import (
 )
 
 NULL_ID_REASON = "null id"
+DEFAULT_MIN_OBSERVED = 1
+
+
+def too_few_observed_reason(n_observed: int, min_observed: int) -> str:
+    return f"{n_observed} observed feature(s), fewer than --min-observed {min_observed}"
+
+
+class ModelChanged(VaepipeError):
+    """An actor loaded another model than the one the run resolved (exit code 1)."""
 
 
 @dataclass
@@ -59,6 +70,8 @@ class ScoreSettings:
     mc_samples: int = DEFAULT_MC_SAMPLES  # Monte Carlo samples for recon_log_density
     iw_samples: int = DEFAULT_IW_SAMPLES  # importance samples for log_marginal (0: null)
     seed: int = 0  # noise seed (with each record's key)
+    min_observed: int = DEFAULT_MIN_OBSERVED  # fewer observed features: quarantined
+    expected_model_id: str | None = None  # the model the driver resolved; every actor checks it
     device: str = "cpu"
     s3_endpoint: str | None = None
     failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
@@ -106,20 +119,30 @@ def _conform(table: pa.Table, columns: list[str], schema: pa.Schema) -> list[pa.
     return [as_array(table.column(c)).cast(schema.field(c).type) for c in columns]
 
 
-def unscorable_rows(table: pa.Table, id_columns, invalid: list[tuple[int, str, str]]) -> dict[int, tuple[str, str]]:
-    """row -> (column, reason) for every row that cannot be scored; a null id comes first."""
-    bad: dict[int, list[tuple[str, str]]] = {}
+def unscorable_rows(
+    table: pa.Table,
+    id_columns,
+    invalid: list[tuple[int, str, str]],
+    n_observed: np.ndarray | None = None,
+    min_observed: int = DEFAULT_MIN_OBSERVED,
+) -> dict[int, tuple[str | None, str]]:
+    """row -> (column, reason) for every row that cannot be scored; a null id comes first, then
+    invalid values, then too few observed features (column None: the record as a whole)."""
+    bad: dict[int, list[tuple[str | None, str]]] = {}
     for c in id_columns:
         nulls = table.column(c).is_null()
         for r in np.flatnonzero(nulls.to_numpy(zero_copy_only=False)):
             bad.setdefault(int(r), []).append((c, NULL_ID_REASON))
     for r, c, reason in invalid:
         bad.setdefault(int(r), []).append((c, reason))
+    if n_observed is not None:
+        for r in np.flatnonzero(n_observed < min_observed):
+            bad.setdefault(int(r), []).append((None, too_few_observed_reason(int(n_observed[r]), min_observed)))
     out = {}
     for r, problems in bad.items():
         column, reason = problems[0]
         if len(problems) > 1:
-            reason += "; also " + "; ".join(f"{c}: {why}" for c, why in problems[1:])
+            reason += "; also " + "; ".join(f"{c}: {why}" if c else why for c, why in problems[1:])
         out[r] = (column, reason)
     return out
 
@@ -132,11 +155,13 @@ def split_and_score(
     mc_samples: int = DEFAULT_MC_SAMPLES,
     iw_samples: int = DEFAULT_IW_SAMPLES,
     seed: int = 0,
+    min_observed: int = DEFAULT_MIN_OBSERVED,
 ) -> tuple[pa.Table, pa.Table]:
     """-> (scored rows in ``scores_schema_``, quarantined rows in ``quarantine_schema_``)."""
     spec = artifact.spec
     encoded = artifact.codec.encode(table)
-    bad = unscorable_rows(table, spec.id_columns, encoded.invalid)
+    n_observed = encoded.observed.sum(dim=1).numpy()
+    bad = unscorable_rows(table, spec.id_columns, encoded.invalid, n_observed, min_observed)
     if bad:
         bad_rows = np.array(sorted(bad), dtype=np.int64)
         keep = np.setdiff1d(np.arange(table.num_rows), bad_rows)
@@ -162,13 +187,10 @@ def _quarantine_table(rows: pa.Table, problems: list[tuple[str, str]], spec, sch
     return pa.Table.from_arrays([*ids, reason, column, *values], schema=schema)
 
 
-def quarantine_file_name(table: pa.Table, id_columns) -> str:
-    """A name that depends only on which records the rows are: a retried batch rewrites its own file."""
-    from pipeline.core.codec import record_keys
-
-    keys = np.sort(record_keys(table, id_columns))
-    digest = hashlib.blake2b(keys.tobytes(), digest_size=12).hexdigest()
-    return f"quarantine-{digest}.parquet"
+def quarantine_file_name(run_id: str) -> str:
+    """A name no other batch's file can have: the run id and a fresh uuid (ids may be null, so no
+    name is derived from them)."""
+    return f"quarantine-{run_id}-{uuid.uuid4().hex}.parquet"
 
 
 def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS) -> None:
@@ -189,6 +211,12 @@ class BatchScorer:
             storage.configure(self.settings.s3_endpoint)
         torch.set_num_threads(1)  # one actor per CPU; Ray gives each actor one
         self.artifact = load_model(self.settings.model_dir, device=self.settings.device)
+        expected = self.settings.expected_model_id
+        if expected is not None and self.artifact.model_id != expected:
+            raise ModelChanged(
+                f"the scoring actor loaded model {self.artifact.model_id} from {self.settings.model_dir}, "
+                f"not {expected} which the run resolved; nothing published"
+            )
         self.scores_schema, self.quarantine_schema = output_schemas(self.artifact, self.settings)
         self.batches = 0
         self.failure_hook = FailureHook.from_dict(self.settings.failure_hook)
@@ -198,12 +226,19 @@ class BatchScorer:
         self.failure_hook.check(self.batches, "batch")
         with torch.inference_mode():
             scored, quarantined = split_and_score(
-                self.artifact, batch, self.scores_schema, self.quarantine_schema, s.mc_samples, s.iw_samples, s.seed
+                self.artifact,
+                batch,
+                self.scores_schema,
+                self.quarantine_schema,
+                s.mc_samples,
+                s.iw_samples,
+                s.seed,
+                s.min_observed,
             )
         if quarantined.num_rows:
             if s.quarantine_dir is None:
                 raise RuntimeError("rows to quarantine but no quarantine directory was given")
-            name = quarantine_file_name(quarantined, self.artifact.spec.id_columns)
+            name = quarantine_file_name(s.run_id)
             write_table(storage.join(s.quarantine_dir, name), quarantined)
         self.batches += 1
         return scored

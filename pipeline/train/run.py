@@ -4,11 +4,15 @@ Phases: **setup** (spec, pre-flight of every shard's footer: a bad file ends the
 before anything is written), **statistics** (a streaming Ray Data pass over every row; skipped on
 ``resume``, which reuses the recorded ones), **train** (TorchTrainer, ``workers`` data-parallel
 workers, a checkpoint every epoch), **save** (the best epoch's weights, the reference distribution
-of validation elbo and log_marginal, the independent-columns baseline, then model.json last).
+of validation elbo and log_marginal, the independent-columns baseline: a new complete version
+``MODEL_DIR/versions/<model_id>/``, then the ``MODEL_DIR/LATEST`` pointer last; see
+:mod:`pipeline.core.artifact`).
 
 Checkpoints live in ``checkpoint_dir`` (default ``MODEL_DIR/_checkpoints``; a leading underscore
 marks it as not part of the artifact) together with ``run.json``, the run's recorded configuration
-and statistics. A successful run removes them (``keep_checkpoints`` keeps them); a failed run
+and statistics. The run claims the directory with a marker file (``_vaepipe_checkpoints.json``)
+and refuses a non-empty directory without it; it deletes only its own entries there (never the
+directory's other contents). A successful run removes them (``keep_checkpoints`` keeps them); a failed run
 leaves them, and the same command with ``--resume`` continues from the last completed epoch. Within
 one run, Ray Train restarts failed workers from the last checkpoint up to ``max_failures`` times.
 """
@@ -19,10 +23,11 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pipeline.core.artifact import save_model
+from pipeline.core.artifact import publish_model
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.reference import baseline_summary, reference_scores
@@ -39,6 +44,7 @@ from schemas.feature_spec import FeatureSpec, load_spec
 log = logging.getLogger("vaepipe.train")
 
 CHECKPOINTS = "_checkpoints"  # default checkpoint directory inside MODEL_DIR (not part of the artifact)
+CHECKPOINTS_MARKER = "_vaepipe_checkpoints.json"  # marks a checkpoint directory as made by vaepipe train
 RUN_META = "run.json"
 RUN_NAME = "train"  # the Ray Train run inside the checkpoint directory
 FAILURE_MARKER = "injected_failure"  # the test-only failure hook's once-per-epoch markers
@@ -85,6 +91,11 @@ class TrainOptions:
 
     def validate(self) -> None:
         self.check_values()
+        # what the run writes (model, checkpoints) must hold neither the input nor each other; the
+        # default checkpoint directory is MODEL_DIR/_checkpoints, a reserved name of the model's layout
+        storage.ensure_disjoint(("--model-dir", self.model_dir), ("--data", self.data))
+        storage.ensure_disjoint(("--checkpoint-dir", self.checkpoint_dir), ("--data", self.data))
+        storage.ensure_disjoint(("--checkpoint-dir", self.checkpoint_dir), ("--model-dir", self.model_dir))
 
     def check_values(self) -> None:
         """The checks on the values alone (no paths): what the in-process API applies too."""
@@ -157,6 +168,51 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
         "shuffle_buffer": opts.shuffle_buffer,
         "data": {"uri": data.uri, "files": data.fingerprint(), "rows": ds.rows, "val_rows": ds.val_rows},
     }
+
+
+# ---- the checkpoint directory: claimed with a marker; the job deletes only what it made in it -----
+def _own_entries(ckpt_dir: str) -> list[str]:
+    """What the run writes in its checkpoint directory (the marker aside)."""
+    names = storage.list_dir(ckpt_dir)
+    return [n for n in names if n in (RUN_META, RUN_NAME) or n.startswith(FAILURE_MARKER + ".")]
+
+
+def _delete_own_entries(ckpt_dir: str) -> None:
+    for name in _own_entries(ckpt_dir):
+        path = storage.join(ckpt_dir, name)
+        if name == RUN_NAME:
+            storage.delete_dir(path)
+        else:
+            storage.delete_file(path)
+
+
+def claim_checkpoint_dir(ckpt_dir: str, resume: bool) -> None:
+    """Make sure `ckpt_dir` is ours before anything is written there (UsageError, exit 2, otherwise).
+
+    An absent or empty directory is claimed by writing the marker; a non-empty one must already carry
+    it. A fresh (not resumed) run then deletes the previous run's entries, and only those."""
+    names = storage.list_dir(ckpt_dir)
+    marker = storage.join(ckpt_dir, CHECKPOINTS_MARKER)
+    if names and CHECKPOINTS_MARKER not in names:
+        raise UsageError(
+            f"--checkpoint-dir {ckpt_dir} is not empty and has no {CHECKPOINTS_MARKER}: it was not made by "
+            "vaepipe train, which deletes only what it made; give an empty or new directory"
+        )
+    if not names:
+        if resume:
+            raise UsageError(f"--resume: no interrupted run in {ckpt_dir} ({RUN_META} not found)")
+        body = {"made_by": "vaepipe train", "claim": uuid.uuid4().hex, "created_at": time.time()}
+        storage.write_text(marker, json.dumps(body) + "\n")
+        return
+    if not resume:
+        _delete_own_entries(ckpt_dir)
+
+
+def release_checkpoint_dir(ckpt_dir: str) -> None:
+    """Delete the run's checkpoints and the marker; the directory goes only if nothing else is in it."""
+    _delete_own_entries(ckpt_dir)
+    storage.delete_file(storage.join(ckpt_dir, CHECKPOINTS_MARKER))
+    storage.remove_empty_dir(ckpt_dir)
 
 
 def recorded_run(ckpt_dir: str, data: InputData) -> dict[str, Any]:
@@ -248,7 +304,7 @@ def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out:
             history[-1]["invalid_cells"],
         )
     best = [h for h in history if h.get("best")]
-    return save_model(
+    return publish_model(
         opts.model_dir,
         model,
         spec,
@@ -273,6 +329,7 @@ def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out:
 def run_training(opts: TrainOptions) -> TrainResult:
     """The whole training run: setup, statistics (or the recorded run), Ray Train, the artifact."""
     opts, spec, data, ckpt_dir = setup(opts)
+    claim_checkpoint_dir(ckpt_dir, opts.resume)
     run_meta = recorded_run(ckpt_dir, data) if opts.resume else None
     # a local instance gets logical CPUs for the workers plus Ray Data's read tasks beside them
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker + 2))
@@ -280,13 +337,11 @@ def run_training(opts: TrainOptions) -> TrainResult:
         log.info("resuming the run recorded in %s", ckpt_dir)
     else:
         run_meta = new_run(opts, spec, data)
-        # from here on the job writes: a fresh run starts from empty checkpoints
-        storage.delete_dir(ckpt_dir)
         storage.write_text(storage.join(ckpt_dir, RUN_META), json.dumps(run_meta, indent=1))
     out = train(opts, run_meta, data, spec, ckpt_dir)
     for row in out["meta"]["history"]:
         log.info(progress_line(row, run_meta["train_config"]["epochs"]))
     model_id = save(opts, run_meta, data, spec, out)
     if not opts.keep_checkpoints:
-        storage.delete_dir(ckpt_dir)
+        release_checkpoint_dir(ckpt_dir)
     return TrainResult(model_id, opts.model_dir, data.rows)
