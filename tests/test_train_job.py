@@ -67,10 +67,14 @@ def test_split_is_a_function_of_the_id_alone(adult):
     assert not (whole & ~is_validation(adult, ids, 0.2)).any()
 
 
-def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, ray_local):
+@pytest.mark.parametrize("local_rows", [10**9, 0], ids=["on the driver", "in ray tasks"])
+def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, ray_local, local_rows):
     spec = dataset_spec("adult")
-    shards = write_shards(adult.slice(0, 9000), tmp_path / "shards", 3)
-    got = statistics_pass(preflight(str(shards), spec), spec, 0.1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):  # row groups of 700 rows: the tasks split files by row group
+        pq.write_table(adult.slice(i * 3000, 3000), shards / f"part-{i}.parquet", row_group_size=700)
+    got = statistics_pass(preflight(str(shards), spec), spec, 0.1, local_rows=local_rows)
     want = partial_stats(spec, adult.slice(0, 9000).select(spec.columns))
     assert got.rows == 9000 and got.val_rows == int(is_validation(adult.slice(0, 9000), ["record_id"], 0.1).sum())
     for a, b in zip(fit_families(spec, got.stats), fit_families(spec, want), strict=True):

@@ -23,6 +23,7 @@ from pipeline.io import storage
 from pipeline.io.inputs import preflight, read_dataset
 from pipeline.runtime import init_ray
 from pipeline.score import publish
+from pipeline.score.progress import ProgressReporter, RowCounter
 from pipeline.score.publish import Published, Reconciliation
 from pipeline.score.scorer import BatchScorer, ScoreSettings, output_schemas, serialize_schema
 from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VERSION, partition_uri
@@ -30,6 +31,7 @@ from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VER
 log = logging.getLogger("vaepipe.score")
 
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
+BLOCKS_PER_ACTOR = 4  # inputs in fewer files than this per actor are cut into this many blocks per actor
 
 
 class ScoringFailed(VaepipeError):
@@ -116,37 +118,42 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
         run_id, data.rows, len(data.files), artifact.model_id, partition_uri(opts.output, run_date),
     )  # fmt: skip
 
+    import ray
     from ray.data import ActorPoolStrategy
 
     # a local instance gets a logical CPU beyond the actors, for the read and write tasks
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers + 1))
     _check_capacity(opts)
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
     try:
         # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
         ds = read_dataset(data, spec)
-        if len(data.files) < 2 * opts.workers:
-            # few input files (perhaps one row group each): split their blocks (streaming, no
-            # shuffle) so that every actor gets work
-            per_block = max(opts.batch_size, -(-data.rows // (2 * opts.workers)))
+        if len(data.files) < BLOCKS_PER_ACTOR * opts.workers:
+            # few input files (perhaps one row group each): cut their blocks (streaming, no shuffle)
+            # so that every actor gets several, in whole batches
+            per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
+            per_block = -(-per_block // opts.batch_size) * opts.batch_size
             ds = ds.repartition(target_num_rows_per_block=per_block)
         resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
         ds = ds.map_batches(
             BatchScorer,
-            fn_constructor_kwargs={"settings": settings.to_dict()},
+            fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
             batch_size=opts.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=opts.workers),
+            # a short queue per actor: the last blocks go to whichever actor is free
+            compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=2),
             **resources,
         )
         out = storage.locate(staging.scores)
-        ds.write_parquet(
-            out.path,
-            filesystem=out.fs,
-            schema=scores_schema,
-            compression=PARQUET_COMPRESSION,
-            row_group_size=ROW_GROUP_ROWS,
-            min_rows_per_file=opts.rows_per_file,
-        )
+        with ProgressReporter(lambda: ray.get(counter.get.remote(), timeout=10), data.rows):
+            ds.write_parquet(
+                out.path,
+                filesystem=out.fs,
+                schema=scores_schema,
+                compression=PARQUET_COMPRESSION,
+                row_group_size=ROW_GROUP_ROWS,
+                min_rows_per_file=opts.rows_per_file,
+            )
         # ---- check, then publish ------------------------------------------------------------------
         rec = publish.reconcile(staging, ids_in, spec.id_columns)
         finished = dt.datetime.now(dt.UTC)
@@ -177,6 +184,7 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
         log.debug("scoring failed", exc_info=True)
         raise ScoringFailed(f"scoring failed, nothing published: {root_message(e)}") from e
     finally:
+        ray.kill(counter)
         staging.discard()
     return ScoreResult(run_id, artifact.model_id, data.rows, time.perf_counter() - t0, rec, published)
 
