@@ -352,11 +352,13 @@ def train_loop_per_worker(config: dict) -> None:
         recon = torch.zeros((), dtype=torch.float64, device=device)
         kl = torch.zeros((), dtype=torch.float64, device=device)
         t0 = epoch_start = time.perf_counter()
+        c0 = time.process_time()
         with wrapped.join() if ddp else contextlib.nullcontext():
             for batch in batches:
                 bn, br, bk = train_step_sums(step_model, optimizer, batch, beta, tcfg.grad_clip)
                 n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
         train_seconds = time.perf_counter() - t0
+        train_cpu = time.process_time() - c0  # this worker's CPU time (all its threads) for the epoch's steps
         invalid = train_cache.invalid
 
         if cached:
@@ -366,7 +368,7 @@ def train_loop_per_worker(config: dict) -> None:
         fits = float(budget > 0 and train_cache.fits and valid_cache.fits)
         sums = _all_reduce(
             [n, float(recon), float(kl), invalid, vn, vsums["recon"], vsums["kl"], train_seconds, fits,
-             *[vsums[c] for c in names]]
+             train_cpu, *[vsums[c] for c in names]]
         )  # fmt: skip
         if not cached and sums[8] == world:  # every rank holds its shards: the next epochs run in memory
             train_cache.seal()
@@ -374,7 +376,8 @@ def train_loop_per_worker(config: dict) -> None:
             cached = True
         elif not cached:
             budget = 0  # some shard does not fit: every epoch streams, nothing is kept
-        sums = sums[:8] + sums[9:]
+        cpu_sum = sums[9]
+        sums = sums[:8] + sums[10:]
         n, recon, kl, invalid, vn, vrecon, vkl, seconds_sum = sums[:8]
         row = {
             "epoch": epoch,
@@ -391,6 +394,8 @@ def train_loop_per_worker(config: dict) -> None:
             "invalid_cells": int(invalid),
             "seconds": seconds_sum / world,
             "rows_per_s": n / max(seconds_sum / world, 1e-9),
+            "cpu_seconds": cpu_sum,  # CPU time of all workers' training steps (load-independent cost)
+            "rows_per_cpu_s": n / max(cpu_sum, 1e-9),
             "epoch_seconds": time.perf_counter() - epoch_start,  # wall clock, validation included
         }
 
