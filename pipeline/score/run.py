@@ -32,6 +32,7 @@ log = logging.getLogger("vaepipe.score")
 
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
 BLOCKS_PER_ACTOR = 4  # inputs in fewer files than this per actor are cut into this many blocks per actor
+MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this
 
 
 class ScoringFailed(VaepipeError):
@@ -128,20 +129,26 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
     try:
         # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
         ds = read_dataset(data, spec)
+        batch_size, actors = opts.batch_size, opts.workers
         if len(data.files) < BLOCKS_PER_ACTOR * opts.workers:
             # few input files (perhaps one row group each): cut their blocks (streaming, no shuffle)
-            # so that every actor gets several, in whole batches
+            # so that every actor gets several, in whole batches; a small input gets smaller batches
+            # (the scores do not depend on batching), and never more actors than blocks
             per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
-            per_block = -(-per_block // opts.batch_size) * opts.batch_size
+            if per_block >= batch_size:
+                per_block = -(-per_block // batch_size) * batch_size
+            else:
+                batch_size = per_block = max(per_block, MIN_BATCH_ROWS)
+            actors = max(1, min(opts.workers, -(-data.rows // per_block)))
             ds = ds.repartition(target_num_rows_per_block=per_block)
         resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
         ds = ds.map_batches(
             BatchScorer,
             fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
-            batch_size=opts.batch_size,
+            batch_size=batch_size,
             batch_format="pyarrow",
             # a short queue per actor: the last blocks go to whichever actor is free
-            compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=2),
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
             **resources,
         )
         out = storage.locate(staging.scores)
