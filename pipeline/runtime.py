@@ -185,6 +185,7 @@ def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True
     ctx.print_on_execution_start = False  # the jobs log their own phases
+    ctx.enable_progress_bars = False  # the scoring job draws its own (a bar on a terminal, lines in a log)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

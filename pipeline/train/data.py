@@ -68,14 +68,14 @@ def read_split_samples(data: InputData, spec: FeatureSpec, val_fraction: float, 
     baseline. Each is None when that side has no rows."""
     import pyarrow.parquet as pq
 
-    split = _SplitFilter(list(spec.id_columns), 0.0, True)
+    ids = list(spec.id_columns)
     fs, sides = data.filesystem(), {True: [], False: []}
     limits, counts = {True: val_limit, False: train_limit}, {True: 0, False: 0}
     for f in data.files:
         with fs.open_input_file(f.path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=65_536, columns=spec.columns):
                 table = pa.Table.from_batches([batch])
-                mask = is_validation(table, split.id_columns, val_fraction)
+                mask = is_validation(table, ids, val_fraction)
                 for side in (True, False):
                     if counts[side] < limits[side]:
                         part = table.filter(pa.array(mask if side else ~mask))
