@@ -183,6 +183,7 @@ def main() -> int:
             print(f"job with {w} actors failed (exit {rc})")
             return rc
         results.append((f"job, {w} actor{'s' if w > 1 else ''}", seconds))
+        print(f"job, {w} actor(s): {seconds:.1f} s; {load_line()}", flush=True)
     ray.shutdown()
 
     out = work / "out-plain"
@@ -205,6 +206,8 @@ def main() -> int:
             if not d.exists():
                 make_data(d, rows, args.shards)
             small[rows] = e2e(d, model_dir, work / f"out-e2e-{rows}", args)
+            seconds, peak = small[rows]
+            print(f"e2e {rows:,} rows: {seconds:.1f} s, peak {peak:,.0f} MiB; {load_line()}", flush=True)
     print(f"end: {load_line()}")
 
     rate = {name: args.rows / seconds for name, seconds in results}

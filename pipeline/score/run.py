@@ -31,7 +31,8 @@ from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VER
 log = logging.getLogger("vaepipe.score")
 
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
-BLOCKS_PER_ACTOR = 4  # inputs in fewer files than this per actor are cut into this many blocks per actor
+BLOCKS_PER_ACTOR = 4  # the input is cut into at least this many blocks per actor ...
+MAX_BATCHES_PER_BLOCK = 16  # ... of at most this many batches
 MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this
 
 
@@ -129,18 +130,19 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
     try:
         # ---- score: Ray Data, Arrow batches end to end, into staging --------------------------------
         ds = read_dataset(data, spec)
-        batch_size, actors = opts.batch_size, opts.workers
-        if len(data.files) < BLOCKS_PER_ACTOR * opts.workers:
-            # few input files (perhaps one row group each): cut their blocks (streaming, no shuffle)
-            # so that every actor gets several, in whole batches; a small input gets smaller batches
-            # (the scores do not depend on batching), and never more actors than blocks
-            per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
-            if per_block >= batch_size:
-                per_block = -(-per_block // batch_size) * batch_size
-            else:
-                batch_size = per_block = max(per_block, MIN_BATCH_ROWS)
-            actors = max(1, min(opts.workers, -(-data.rows // per_block)))
-            ds = ds.repartition(target_num_rows_per_block=per_block)
+        # Blocks of whole batches, at least BLOCKS_PER_ACTOR per actor and at most MAX_BATCHES_PER_BLOCK
+        # batches each, whatever the files: Ray Data reads many small files in one task (one block), and
+        # an actor pool with fewer blocks than actors leaves actors idle. The cut streams (no shuffle);
+        # a small input gets smaller batches (the scores do not depend on batching); never more actors
+        # than blocks.
+        batch_size = opts.batch_size
+        per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
+        if per_block >= batch_size:
+            per_block = min(-(-per_block // batch_size), MAX_BATCHES_PER_BLOCK) * batch_size
+        else:
+            batch_size = per_block = max(per_block, MIN_BATCH_ROWS)
+        actors = max(1, min(opts.workers, -(-data.rows // per_block)))
+        ds = ds.repartition(target_num_rows_per_block=per_block)
         resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
         ds = ds.map_batches(
             BatchScorer,
