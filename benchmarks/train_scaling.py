@@ -148,7 +148,7 @@ def summary(r: dict) -> str:
 
 
 def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    return format("-", spec.split(".")[0].rstrip(",")) if v is None else format(v, spec)
 
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:
