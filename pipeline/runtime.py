@@ -171,6 +171,7 @@ def quiet_ray() -> None:
         pass
     logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines (plans, sinks)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     # "token authentication is enabled/disabled for this cluster": Ray's default for a local instance
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
