@@ -1,20 +1,26 @@
-"""Rows/s of the whole scoring job (1 and 2 workers) against a plain single-process loop, same files, same run.
+"""Scoring benchmarks: the job with 1 and 2 actors against the plain loop and a decoder-only floor;
+10k rows end to end with Ray's start; peak memory at 1x and 10x rows. Arms side by side in one run.
 
-    python benchmarks/score_throughput.py [--rows 1000000] [--mc-samples 4] [--iw-samples 8] [--model-dir DIR]
+    python benchmarks/score_throughput.py [--rows 50000] [--mc-samples 16] [--iw-samples 64] [--model-dir DIR]
 
 Data: adult rows resampled (with replacement) to --rows records with fresh ids, 20% of cells nulled, in
---shards Parquet files. Model: --model-dir, or a model trained here in-process on adult (latent 4,
-hidden 32-32 as in the tests' fixture by default, 2 epochs; its quality does not matter for throughput).
+--shards Parquet files. Model: --model-dir, or one trained here in-process on adult with the job's
+default widths (latent 8, hidden 128-128), 1 epoch: its quality does not matter for throughput.
+S and K default to the job's defaults (16 and 64).
 
-Measured, each on the same files:
-* ``job, N workers``: ``vaepipe score`` end to end (pre-flight, id read, Ray Data read -> scoring actors ->
+Arms, each on the same files:
+* ``job, N actor(s)``: ``vaepipe score`` end to end (pre-flight, id read, Ray Data read -> scoring actors ->
   write, reconciliation, publish), wall clock, in-process on one local Ray instance started beforehand
   (its start-up is not counted);
-* ``plain loop``: one process, ``pyarrow.parquet`` read -> the same ``split_and_score`` -> ``ParquetWriter``,
-  with torch using one thread (like one actor).
+* ``plain loop``: one process, ``pyarrow.parquet`` read -> the same ``split_and_score`` (which calls
+  ``core.scoring.score_batch``) -> ``ParquetWriter``, torch with one thread (like one actor);
+* ``decoder floor``: the decoder network alone (``model.generative``) on max(S, K) latent samples per
+  record, one thread, batches of --batch-size: what no scorer can beat on this model;
+* ``e2e 10k`` / ``e2e 10x``: ``vaepipe score`` as a user runs it (a fresh process starting its own local
+  Ray) on 10,000 rows and on 100,000 rows; wall clock and peak memory (PSS of the job's process tree).
 
-Sample counts default to S=4, K=8 (the job's defaults are 16 and 64) so 1M rows run in minutes on 2 cores;
-cost per row grows with max(S, K).
+The machine may be shared: ratios of arms measured in the same run mean more than absolute figures, and
+the load average is printed with the table.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import DATA, dataset_spec  # noqa: E402
+from procmem import load_line, run_child  # noqa: E402
 
 from jobs import score  # noqa: E402
 from pipeline.core import artifact  # noqa: E402
@@ -98,23 +106,52 @@ def plain_loop(data: Path, model_dir: str, out: Path, args) -> int:
     return rows
 
 
+def decoder_floor(model_dir: str, rows: int, samples: int, batch_size: int) -> float:
+    """Seconds for the decoder network alone on `samples` latent draws for each of `rows` records."""
+    from pipeline.core.scoring import SAMPLE_ROWS_PER_PASS
+
+    torch.set_num_threads(1)
+    model = load_model(model_dir).model.eval()
+    n = min(rows, batch_size)
+    chunk = max(1, SAMPLE_ROWS_PER_PASS // n)  # the same samples per pass as score_batch
+    z = torch.randn(min(chunk, samples), n, model.latent_dim)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(0, rows, n):
+            for first in range(0, samples, chunk):
+                model.generative(z[: min(samples, first + chunk) - first])
+    return time.perf_counter() - t0
+
+
+def e2e(data: Path, model_dir: str, out: Path, args) -> tuple[float, float]:
+    """vaepipe score in a fresh process (its own Ray start): (seconds, peak MiB)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "jobs.score", "--data", str(data), "--model-dir", model_dir, "--output", str(out)]
+    cmd += ["--run-date", "2026-01-01", "--mc-samples", str(args.mc_samples), "--iw-samples", str(args.iw_samples)]
+    cmd += ["--workers", str(max(args.workers))]
+    run = run_child(cmd, cwd=str(ROOT))
+    return run.seconds, run.peak_mib
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--mc-samples", type=int, default=4)
-    p.add_argument("--iw-samples", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--mc-samples", type=int, default=16)
+    p.add_argument("--iw-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4096, help="the job's default")
     p.add_argument("--model-dir", default=None)
-    p.add_argument("--epochs", type=int, default=2, help="epochs when training the benchmark model here")
-    p.add_argument("--latent-dim", type=int, default=4, help="of the model trained here")
-    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32], help="of the model trained here")
+    p.add_argument("--epochs", type=int, default=1, help="epochs when training the benchmark model here")
+    p.add_argument("--latent-dim", type=int, default=8, help="of the model trained here")
+    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="of the model trained here")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--skip-e2e", action="store_true", help="skip the fresh-process 10k / 100k runs")
+    p.add_argument("--e2e-rows", type=int, nargs=2, default=[10_000, 100_000], help="rows of the two fresh runs")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaepipe-bench-"))
-    data = work / "data"
+    data = work / f"data-{args.rows}"
     if not data.exists():
         t0 = time.perf_counter()
         make_data(data, args.rows, args.shards)
@@ -124,11 +161,14 @@ def main() -> int:
         train_model(Path(model_dir), args.epochs, args.latent_dim, args.hidden)
     art = load_model(model_dir)
     print(f"model {art.model_id}: latent_dim {art.model.latent_dim}, hidden {art.model.config.hidden}; "
-          f"S={args.mc_samples} K={args.iw_samples}, batch {args.batch_size}, {os.cpu_count()} cores")  # fmt: skip
+          f"S={args.mc_samples} K={args.iw_samples}, batch {args.batch_size}")  # fmt: skip
+    print(f"start: {load_line()}", flush=True)
 
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers) + 1), include_dashboard=False, log_to_driver=False)
+    from pipeline.runtime import init_ray
+
+    init_ray(None, num_cpus=max(os.cpu_count() or 1, max(args.workers) + 1))
     results = []
     common = ["--data", str(data), "--model-dir", model_dir, "--run-date", "2026-01-01"]
     common += ["--batch-size", str(args.batch_size), "--mc-samples", str(args.mc_samples)]
@@ -140,24 +180,59 @@ def main() -> int:
         rc = score.main([*common, "--output", str(out), "--workers", str(w)])
         seconds = time.perf_counter() - t0
         if rc != 0:
-            print(f"job with {w} workers failed (exit {rc})")
+            print(f"job with {w} actors failed (exit {rc})")
             return rc
-        results.append((f"job, {w} worker{'s' if w > 1 else ''}", seconds))
+        results.append((f"job, {w} actor{'s' if w > 1 else ''}", seconds))
+        print(f"job, {w} actor(s): {seconds:.1f} s; {load_line()}", flush=True)
     ray.shutdown()
 
     out = work / "out-plain"
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = plain_loop(data, model_dir, out, args)
     results.append(("plain loop (1 process)", time.perf_counter() - t0))
+    cpu = {"plain loop (1 process)": time.process_time() - c0}
     assert n == args.rows
+    samples = max(args.mc_samples, args.iw_samples)
+    floor_name = f"decoder floor ({samples} samples)"
+    c0 = time.process_time()
+    results.append((floor_name, decoder_floor(model_dir, args.rows, samples, args.batch_size)))
+    cpu[floor_name] = time.process_time() - c0
 
-    base = args.rows / results[-1][1]
-    print(f"\n{'':<26}{'seconds':>10}{'rows/s':>12}{'vs plain':>10}")
+    small = {}
+    if not args.skip_e2e:
+        for rows in args.e2e_rows:
+            d = work / f"data-{rows}"
+            if not d.exists():
+                make_data(d, rows, args.shards)
+            small[rows] = e2e(d, model_dir, work / f"out-e2e-{rows}", args)
+            seconds, peak = small[rows]
+            print(f"e2e {rows:,} rows: {seconds:.1f} s, peak {peak:,.0f} MiB; {load_line()}", flush=True)
+    print(f"end: {load_line()}")
+
+    rate = {name: args.rows / seconds for name, seconds in results}
+    plain = rate["plain loop (1 process)"]
+    print(f"\n{'arm':<30}{'seconds':>9}{'rows/s':>10}{'vs plain':>9}")
     for name, seconds in results:
-        rate = args.rows / seconds
-        print(f"{name:<26}{seconds:>10.1f}{rate:>12,.0f}{rate / base:>10.2f}x")
-    print(f"\nload average during the run: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores); workdir {work}")
+        print(f"{name:<30}{seconds:>9.1f}{rate[name]:>10,.0f}{rate[name] / plain:>8.2f}x")
+    print("\ntargets (ratios from the table above):")
+    if "job, 1 actor" in rate and "job, 2 actors" in rate:
+        print(f"  2 actors / 1 actor = {rate['job, 2 actors'] / rate['job, 1 actor']:.2f} (target >= 1.7)")
+    if "job, 1 actor" in rate:
+        print(f"  job with 1 actor / plain loop = {rate['job, 1 actor'] / plain:.2f} (target >= 0.9)")
+    floor = rate[floor_name]
+    by_cpu = cpu["plain loop (1 process)"] / cpu[floor_name]
+    print(
+        f"  plain loop / decoder floor, time per row = {floor / plain:.2f} by wall clock, {by_cpu:.2f} by CPU time "
+        "(target <= 1.5)"
+    )
+    if small:
+        (r1, (s10, m10)), (r2, (s100, m100)) = small.items()
+        w = max(args.workers)
+        print(f"  {r1:,} rows end to end, Ray start included ({w} actors): {s10:.1f} s (target for 10k: <= 8 s)")
+        print(f"  {r2:,} rows end to end: {s100:.1f} s; peak memory {r2:,} / {r1:,} rows = {m100:,.0f} / {m10:,.0f} "
+              f"MiB = {m100 / m10:.2f} (target at 10x rows: <= 1.2)")  # fmt: skip
+    print(f"workdir {work}")
     return 0
 
 

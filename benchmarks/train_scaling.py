@@ -1,72 +1,63 @@
-"""Training benchmarks, printed side by side.
+"""Training benchmarks: Ray Train against the plain loop, 1 against 2 workers, fixed cost, peak memory.
 
-1. rows/s per epoch of ``vaepipe train`` on tests/data/adult with 1 and 2 Ray Train workers
-   (the job's own per-epoch figure: training rows over the epoch's wall time, data loading included);
-2. peak memory of the statistics pass (pipeline.train.data.statistics_pass) on adult (1x) and on 10x
-   its rows (generated: 10 shards, record ids offset so every record is distinct). Each pass runs in
-   a fresh process with its own local Ray; memory is the peak, sampled every 50 ms, of the summed PSS
-   (proportional set size: shared pages counted once) of the driver and every Ray process it started.
+    python benchmarks/train_scaling.py [--epochs 3] [--rows 200000] [--million] [--skip-memory]
 
-    python benchmarks/train_scaling.py [--epochs 4] [--skip-throughput] [--skip-memory]
+Arms, measured side by side in one run, on each dataset (adult: 32,561 rows; a generated table of the demo's
+mixed columns, --rows records, 8 shards; --million makes it 1,000,000):
 
-Linux only (reads /proc).
+* ``plain loop``: :func:`pipeline.core.training.fit` in this process on the in-memory encoded training split,
+  torch with 1 thread, the job's default model and batch size (its per-epoch time: fit's wall over epochs),
+  run before and after the Ray arms (the faster of the two counts: the load may change meanwhile);
+* ``ray train, N worker(s)``: ``vaepipe train`` as a user runs it (a fresh process starting its own local
+  Ray), default model and flags except --epochs/--patience 0/--kl-warmup-epochs 1. rows/s per epoch is
+  the job's own figure (training rows over the epoch's training time, data loading included), the median
+  of epochs 2.. (the first one also reads and encodes the shard); ``fixed`` is the job's wall clock
+  minus its epochs (Ray start, pre-flight, statistics, split, Ray Train start, reference scores,
+  baseline, artifact), with its phases from the job's own timings;
+* rows per CPU-second: training rows over the CPU time of the steps (the plain loop's process, the sum of
+  the workers' processes): the cost per row, which a loaded machine changes far less than wall clock;
+* peak memory (PSS of the job's whole process tree, Ray included) of the 1-worker job on adult and on 10x
+  adult's rows (10 shards, ids offset so every record is distinct).
+
+The machine may be shared: ratios of arms measured in the same run mean more than absolute figures, and
+the load average is printed with every table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procmem import load_line, run_child  # noqa: E402
+
+from pipeline.core import artifact  # noqa: E402
+
 ADULT = ROOT / "tests" / "data" / "adult" / "adult.parquet"
 
-
-def adult_spec_yaml(path: Path) -> str:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import dataset_spec
-
-    path.write_text(dataset_spec("adult").to_yaml())
-    return str(path)
-
-
-# ---- 1. rows/s, 1 vs 2 workers -------------------------------------------------------------------
-def throughput(workdir: Path, epochs: int) -> dict[int, list[float]]:
-    """Both runs in this process, on one local Ray instance (as a cluster would run them)."""
-    import ray
-
-    sys.path.insert(0, str(ROOT))
-    from jobs import train
-    from pipeline.core import artifact
-
-    spec = adult_spec_yaml(workdir / "adult.yaml")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out = {}
-    try:
-        for workers in (1, 2):
-            model_dir = workdir / f"model-{workers}"
-            args = ["--data", str(ADULT), "--spec", spec, "--model-dir", str(model_dir), "--workers", str(workers)]
-            args += ["--epochs", str(epochs), "--patience", "0", "--kl-warmup-epochs", "1", "--batch-size", "256"]
-            args += ["--reference-rows", "1000", "--baseline-rows", "1000", "--iw-samples", "4", "--mc-samples", "2"]
-            t0 = time.perf_counter()
-            if train.main(args) != 0:
-                raise RuntimeError(f"training with {workers} worker(s) failed")
-            meta = json.loads(Path(artifact.meta_path(str(model_dir))).read_text())
-            out[workers] = [h["rows_per_s"] for h in meta["metrics"]]
-            print(f"  {workers} worker(s): job wall time {time.perf_counter() - t0:.0f}s", flush=True)
-    finally:
-        ray.shutdown()
-    return out
+CHILD = """
+import json, sys, time
+from jobs.train import build_parser
+from pipeline.runtime import options_from_args, setup_logging
+from pipeline.train.run import TrainOptions, run_training
+setup_logging()
+r = run_training(options_from_args(TrainOptions, build_parser().parse_args(sys.argv[2:])))
+open(sys.argv[1], "w").write(json.dumps(r.timings))
+"""
 
 
-# ---- 2. statistics pass memory ------------------------------------------------------------------
-def make_data(workdir: Path, copies: int) -> Path:
+# ---- data ------------------------------------------------------------------------------------------
+def adult_copies(workdir: Path, copies: int) -> Path:
+    """adult's rows `copies` times, one shard per copy, record ids offset so every record is distinct."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -74,132 +65,190 @@ def make_data(workdir: Path, copies: int) -> Path:
     table = pq.read_table(ADULT)
     d = workdir / f"adult-x{copies}"
     d.mkdir()
+    rid = table.schema.field("record_id")
     for k in range(copies):
-        ids = pc.add(
-            table.column("record_id"), pa.scalar(k * 10 * table.num_rows, table.schema.field("record_id").type)
-        )
-        pq.write_table(
-            table.set_column(table.schema.get_field_index("record_id"), "record_id", ids), d / f"{k:03d}.parquet"
-        )
+        ids = pc.add(table.column("record_id"), pa.scalar(k * 10 * table.num_rows, rid.type))
+        pq.write_table(table.set_column(table.schema.get_field_index("record_id"), rid, ids), d / f"{k:03d}.parquet")
     return d
 
 
-STATS_CHILD = """
-import sys, json, time, ray
-sys.path.insert(0, sys.argv[3])
-from helpers import dataset_spec
-from pipeline.io.inputs import preflight
-from pipeline.train.data import statistics_pass
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-spec = dataset_spec("adult")
-data = preflight(sys.argv[1], spec)
-open(sys.argv[2], "w").write("ready")
-time.sleep(2.0)
-t0 = time.perf_counter()
-stats = statistics_pass(data, spec, 0.1)
-dt = time.perf_counter() - t0
-open(sys.argv[2], "w").write(json.dumps({"rows": stats.rows, "seconds": dt}))
-time.sleep(1.0)
-ray.shutdown()
-"""
+def datasets(workdir: Path, rows: int) -> dict[str, tuple[str, str, int]]:
+    """name -> (data path, spec path, rows)."""
+    from helpers import dataset_spec
 
+    from pipeline import synthetic
 
-def _children(pid: int) -> set[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                parents.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo.extend(parents.get(p, []))
+    spec = workdir / "adult.yaml"
+    spec.write_text(dataset_spec("adult").to_yaml())
+    out = {"adult": (str(ADULT), str(spec), 32_561)}
+    gen = synthetic.generate(str(workdir / "generated"), history_rows=rows, incoming_rows=10, shards=8)
+    out[f"generated {rows // 1000}k"] = (gen.history_dir, gen.spec_path, rows)
     return out
 
 
-def _pss_kib(pid: int) -> int:
+# ---- arms ------------------------------------------------------------------------------------------
+def plain_loop(data: str, spec_path: str, epochs: int) -> dict:
+    """fit() on the in-memory training split, one torch thread; the job's default model and batch size."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from pipeline.core.codec import TableCodec, fit_families, partial_stats
+    from pipeline.core.model import VAE, VAEConfig
+    from pipeline.core.training import TrainConfig, fit
+    from pipeline.train.data import is_validation
+    from schemas.feature_spec import load_spec
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        spec = load_spec(spec_path)
+        table = pads.dataset(data, format="parquet").to_table(columns=spec.columns)
+        train = table.filter(~is_validation(table, spec.id_columns, 0.1))
+        families = fit_families(spec, partial_stats(spec, table))
+        encoded = TableCodec(spec, families).encode(train)
+        model = VAE(families, VAEConfig())
+        t0, c0 = time.perf_counter(), time.process_time()
+        fit(model, encoded, TrainConfig(epochs=epochs, patience=0, kl_warmup_epochs=1))
+        per_epoch = (time.perf_counter() - t0) / epochs
+        cpu = (time.process_time() - c0) / epochs
+    finally:
+        torch.set_num_threads(threads)
+    n = len(encoded)
+    return {"train_rows": n, "rows_per_s": n / per_epoch, "rows_per_cpu_s": n / cpu, "first_epoch_s": per_epoch}
 
 
-def stats_memory(data_dir: Path, workdir: Path) -> dict:
-    signal = workdir / f"signal-{data_dir.name}"
-    errors = open(workdir / f"stderr-{data_dir.name}", "w+")  # noqa: SIM115 -- read back on failure
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STATS_CHILD, str(data_dir), str(signal), str(ROOT / "tests")],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-    )
-    samples: list[tuple[str, int]] = []
-    stop = threading.Event()
+def ray_job(data: str, spec_path: str, workdir: Path, workers: int, epochs: int, tag: str, *extra: str) -> dict:
+    """``vaepipe train`` in a fresh process; its epochs from model.json, its phases from its timings."""
+    model_dir = workdir / f"model-{tag}"
+    timings = workdir / f"timings-{tag}.json"
+    args = ["--data", data, "--spec", spec_path, "--model-dir", str(model_dir), "--workers", str(workers)]
+    args += ["--epochs", str(epochs), "--patience", "0", "--kl-warmup-epochs", "1", *extra]
+    run = run_child([sys.executable, "-c", CHILD, str(timings), *args], cwd=str(ROOT))
+    history = json.loads(Path(artifact.meta_path(str(model_dir))).read_text())["metrics"]
+    phases = json.loads(timings.read_text())
+    epoch_walls = [h["epoch_seconds"] for h in history]
+    later = history[1:] or history[:1]
+    return {
+        "train_rows": history[0]["train_rows"],
+        "rows_per_s": statistics.median(h["rows_per_s"] for h in later),
+        "rows_per_cpu_s": statistics.median(h["rows_per_cpu_s"] for h in later),
+        "first_epoch_s": epoch_walls[0],
+        "fixed_s": run.seconds - sum(epoch_walls),
+        "wall_s": run.seconds,
+        "peak_mib": run.peak_mib,
+        "phases": phases,
+    }
 
-    def sample():
-        while not stop.is_set():
-            phase = signal.read_text() if signal.exists() else ""
-            total = sum(_pss_kib(p) for p in _children(proc.pid))
-            samples.append((phase, total))
-            time.sleep(0.05)
 
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    proc.wait()
-    stop.set()
-    t.join()
-    if proc.returncode != 0 or not signal.exists():
-        errors.seek(0)
-        raise RuntimeError(f"statistics pass on {data_dir.name} failed:\n{errors.read()[-3000:]}")
-    result = json.loads(signal.read_text())
-    idle = [m for ph, m in samples if ph == "ready"]
-    during = [m for ph, m in samples if ph in ("ready", "")] + [m for ph, m in samples if ph.startswith("{")]
-    result["idle_mib"] = (min(idle) if idle else 0) / 1024
-    result["peak_mib"] = max(during) / 1024
-    return result
+# ---- report ----------------------------------------------------------------------------------------
+def summary(r: dict) -> str:
+    """One line per finished arm, printed as it ends (the table comes at the end)."""
+    out = f"rows/s per epoch {r['rows_per_s']:,.0f}, rows per CPU-second {r['rows_per_cpu_s']:,.0f}; {load_line()}"
+    if "phases" in r:
+        out += f"\n  phases (s): {json.dumps({k: round(v, 1) for k, v in r['phases'].items()})}"
+    return out
+
+
+def fmt(v, spec: str) -> str:
+    return format("-", spec.split(".")[0].rstrip(",")) if v is None else format(v, spec)
+
+
+def print_table(rows: list[tuple[str, str, dict]]) -> None:
+    head = f"{'dataset':<16} {'arm':<34} {'train rows':>10} {'rows/s/epoch':>12} {'vs plain':>8} {'vs 1 wkr':>8}"
+    head += f" {'rows/cpu-s':>10} {'vs plain':>8}"
+    head += f" {'epoch 1 s':>9} {'fixed s':>8} {'wall s':>7} {'peak MiB':>8}"
+    print(head)
+    base: dict[str, dict] = {}
+    for ds, arm, r in rows:
+        base.setdefault(ds, {})[arm] = r
+    for ds, arm, r in rows:
+        plain = base[ds].get("plain loop (1 thread)")
+        one = base[ds].get("ray train, 1 worker")
+        vs_plain = r["rows_per_s"] / plain["rows_per_s"] if plain and arm != "plain loop (1 thread)" else None
+        vs_one = r["rows_per_s"] / one["rows_per_s"] if one and arm == "ray train, 2 workers" else None
+        cpu_plain = r["rows_per_cpu_s"] / plain["rows_per_cpu_s"] if vs_plain is not None else None
+        print(
+            f"{ds:<16} {arm:<34} {r['train_rows']:>10,} {r['rows_per_s']:>12,.0f} {fmt(vs_plain, '>8.2f')} "
+            f"{fmt(vs_one, '>8.2f')} {r['rows_per_cpu_s']:>10,.0f} {fmt(cpu_plain, '>8.2f')} "
+            f"{r['first_epoch_s']:>9.1f} {fmt(r.get('fixed_s'), '>8.1f')} "
+            f"{fmt(r.get('wall_s'), '>7.1f')} {fmt(r.get('peak_mib'), '>8.0f')}"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the generated table")
+    p.add_argument("--million", action="store_true", help="the generated table has 1,000,000 rows")
+    p.add_argument("--datasets", nargs="+", default=None, help="names to run (default: all)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the 10x-rows memory arm")
     args = p.parse_args()
+    rows_generated = 1_000_000 if args.million else args.rows
+    print(f"start: {load_line()}", flush=True)
+    results: list[tuple[str, str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="vaepipe-bench-") as tmp:
         workdir = Path(tmp)
-        if not args.skip_throughput:
-            print("rows/s per epoch on adult (32,561 rows; 90% train), 1 vs 2 workers:", flush=True)
-            r = throughput(workdir, args.epochs)
-            print(f"  {'epoch':>5} {'1 worker':>10} {'2 workers':>10} {'ratio':>6}")
-            for e, (a, b) in enumerate(zip(r[1], r[2], strict=True)):
-                print(f"  {e + 1:>5} {a:>10.0f} {b:>10.0f} {b / a:>6.2f}")
-            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-            a, b = med(r[1][1:] or r[1]), med(r[2][1:] or r[2])
-            print(f"  {'median':>5} {a:>10.0f} {b:>10.0f} {b / a:>6.2f}   (epochs 2.., the first includes start-up)")
+        for ds, (data, spec, _) in datasets(workdir, rows_generated).items():
+            if args.datasets and not any(ds.startswith(d) for d in args.datasets):
+                continue
+            tag = ds.split()[0]
+            print(f"{ds}: plain loop", flush=True)
+            results.append((ds, "plain loop (1 thread)", plain_loop(data, spec, args.epochs)))
+            print(f"  {summary(results[-1][2])}", flush=True)
+            plain_index = len(results) - 1
+            arms = [(1, ()), (2, ())] + ([(1, ("--cache-mb", "0"))] if tag == "adult" else [])
+            for w, extra in arms:
+                name = f"ray train, {w} worker{'s' if w > 1 else ''}" + (", --cache-mb 0" if extra else "")
+                print(f"{ds}: {name}", flush=True)
+                try:
+                    r = ray_job(data, spec, workdir, w, args.epochs, f"{tag}-{w}{'-stream' if extra else ''}", *extra)
+                except RuntimeError as e:  # e.g. Ray failing to start on an overloaded machine: report, go on
+                    print(f"  failed: {str(e).strip().splitlines()[-1]}", flush=True)
+                    continue
+                results.append((ds, name, r))
+                print(f"  {summary(r)}", flush=True)
+            # the plain loop again, after the Ray arms: the load may have changed; the faster run counts
+            print(f"{ds}: plain loop, again", flush=True)
+            again = plain_loop(data, spec, args.epochs)
+            print(f"  {summary(again)}", flush=True)
+            first = results[plain_index][2]
+            results[plain_index] = (ds, results[plain_index][1], {
+                k: max(first[k], again[k]) if k.startswith("rows_per") else first[k] for k in first
+            })  # fmt: skip
         if not args.skip_memory:
-            print("statistics pass, peak memory (PSS of driver + Ray processes):", flush=True)
-            res = {}
-            for copies in (1, 10):
-                res[copies] = stats_memory(make_data(workdir, copies), workdir)
-            print(f"  {'':>14} {'1x':>10} {'10x':>10} {'ratio':>6}")
-            print(f"  {'rows':>14} {res[1]['rows']:>10} {res[10]['rows']:>10} {res[10]['rows'] / res[1]['rows']:>6.1f}")
-            for key, label in (("idle_mib", "idle Ray MiB"), ("peak_mib", "peak MiB"), ("seconds", "seconds")):
-                a, b = res[1][key], res[10][key]
-                print(f"  {label:>14} {a:>10.1f} {b:>10.1f} {b / a:>6.2f}")
-            grow = (res[10]["peak_mib"] - res[10]["idle_mib"]) / max(res[1]["peak_mib"] - res[1]["idle_mib"], 1e-9)
+            spec = str(workdir / "adult.yaml")
+            print("adult x10: ray train, 1 worker", flush=True)
+            try:
+                r = ray_job(str(adult_copies(workdir, 10)), spec, workdir, 1, args.epochs, "adult10-1")
+                results.append(("adult x10", "ray train, 1 worker", r))
+                print(f"  {summary(r)}", flush=True)
+            except RuntimeError as e:
+                print(f"  failed: {str(e).strip().splitlines()[-1]}", flush=True)
+    print(f"\nend: {load_line()}\n")
+    print_table(results)
+    one = {ds: r for ds, arm, r in results if arm == "ray train, 1 worker"}
+    print("\ntargets (ratios from the table above):")
+    for ds, arm, r in results:
+        if arm == "ray train, 1 worker" and ds != "adult x10":
+            plain = next(x for d, a, x in results if d == ds and a.startswith("plain"))
             print(
-                f"  {'peak - idle':>14} {res[1]['peak_mib'] - res[1]['idle_mib']:>10.1f} "
-                f"{res[10]['peak_mib'] - res[10]['idle_mib']:>10.1f} {grow:>6.2f}"
+                f"  {ds}: 1 worker / plain = {r['rows_per_s'] / plain['rows_per_s']:.2f} by wall clock, "
+                f"{r['rows_per_cpu_s'] / plain['rows_per_cpu_s']:.2f} by CPU time (target >= 0.8)"
             )
+        if arm == "ray train, 1 worker, --cache-mb 0":
+            print(f"  {ds}: 1 worker, data kept in memory / read every epoch (--cache-mb 0) = "
+                  f"{one[ds]['rows_per_s'] / r['rows_per_s']:.2f}")  # fmt: skip
+        if arm == "ray train, 2 workers":
+            print(f"  {ds}: 2 workers / 1 worker = {r['rows_per_s'] / one[ds]['rows_per_s']:.2f} (target >= 1.6)")
+    if "adult" in one:
+        print(f"  adult: fixed cost of vaepipe train = {one['adult']['fixed_s']:.1f} s (target <= 15 s, idle machine)")
+    if "adult" in one and "adult x10" in one:
+        a, b = one["adult"]["peak_mib"], one["adult x10"]["peak_mib"]
+        print(f"  peak memory, 10x rows / 1x rows (1 worker) = {b:,.0f} / {a:,.0f} MiB = {b / a:.2f} (target <= 1.2)")
+        fa, fb = one["adult"]["fixed_s"], one["adult x10"]["fixed_s"]
+        print(
+            f"  fixed cost, 10x rows / 1x rows = {fb:.1f} / {fa:.1f} s = {fb / fa:.2f} (no faster than the data: <= 10)"
+        )
 
 
 if __name__ == "__main__":

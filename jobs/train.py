@@ -45,6 +45,12 @@ def build_parser():
     g.add_argument(
         "--shuffle-buffer", type=int, default=d.shuffle_buffer, help="rows in each worker's local shuffle buffer"
     )
+    g.add_argument(
+        "--cache-mb",
+        type=int,
+        default=d.cache_mb,
+        help="each worker keeps its encoded data in memory up to this size after the first epoch (0: read every epoch)",
+    )
     g = p.add_argument_group("checkpoints and artifact")
     g.add_argument("--checkpoint-dir", default=None, help="Ray Train storage (default: MODEL_DIR/_checkpoints)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --checkpoint-dir")

@@ -77,7 +77,7 @@ SCORE_BATCH_ROWS = 4096  # the score job's default --batch-size
 # options of `vaepipe train` that concern Ray, its workers, checkpoints or locations: fit() has none of them
 _RAY_ONLY = {
     "data", "spec", "model_dir", "config", "workers", "cpus_per_worker", "gpus_per_worker", "bf16",
-    "max_failures", "checkpoint_dir", "resume", "keep_checkpoints", "ray_address", "s3_endpoint",
+    "max_failures", "checkpoint_dir", "resume", "keep_checkpoints", "ray_address", "s3_endpoint", "cache_mb",
     "inject_failure_at_epoch", "summary_json", "log_format", "help",
 }  # fmt: skip
 

@@ -132,14 +132,65 @@ def job_main(
     return summary.wrap(main, build_parser.__module__.rsplit(".", 1)[-1].replace("_", "-"))
 
 
+# Ray's console lines that a user of these jobs can do nothing about: dropped from the driver's console
+# (they stay in Ray's session logs under /tmp/ray). Worker start-up concurrency (the raylet), actor
+# constructor arguments in the object store (Ray Train's own actors), Ray Train's per-step bookkeeping
+# and Ray Data's hints about optional UI packages and a deprecated option Ray Train itself passes.
+RAY_NOISE = (
+    r"PYTHON worker processes have been started",
+    r"constructor arguments in the object store",
+    r"Setting up process group for",
+    r"Moving model to device",
+    r"Started training worker group",
+    r"world_rank=\d+, local_rank=\d+, node_rank=\d+",
+    r"Checkpoint successfully created at",
+    r"Reporting training result",
+    r"A new progress UI is available",
+    r"RayDeprecationWarning: `ExecutionOptions.exclude_resources`",
+    r"^\s*self\.exclude_resources = exclude_resources",
+    r"Starting execution of Dataset|Execution plan of Dataset|execution finished in [\d.]+ seconds",
+    r"Registered dataset logger for dataset",
+)
+# What the workers of a local instance need to print each line once: Ray Train's print patch both
+# logs and tees a worker's print, which shows every progress line twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def quiet_ray() -> None:
+    """Drop :data:`RAY_NOISE` from the worker lines Ray forwards to this driver, and the driver-side
+    notices about optional packages; call before or after ``import ray``."""
+    import re
+
+    pattern = "|".join(f"(?:{p})" for p in RAY_NOISE)
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", pattern)
+    try:  # already imported: Ray read the variable at import time
+        from ray._private import ray_logging
+
+        extra = re.compile(pattern)
+        for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+            old = dedup.skip_re
+            dedup.skip_re = extra if old is None else re.compile(f"{old.pattern}|{pattern}")
+    except (ImportError, AttributeError):  # a Ray without these internals: its lines stay
+        pass
+    logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines (plans, sinks)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # "token authentication is enabled/disabled for this cluster": Ray's default for a local instance
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
     """Join RAY_ADDRESS / --ray-address when given, else start (or reuse) a local Ray instance."""
+    quiet_ray()
     import ray
     import ray.data
 
     # a failed Ray Data task raises the task's own exception (as the ``.cause`` of Ray's wrapper),
     # not Ray Data's generic UserCodeException: pipeline.errors walks that chain to the exit code
-    ray.data.DataContext.get_current().raise_original_map_exception = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.raise_original_map_exception = True
+    ctx.print_on_execution_start = False  # the jobs log their own phases
+    ctx.enable_progress_bars = False  # the scoring job draws its own (a bar on a terminal, lines in a log)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -147,10 +198,13 @@ def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
     # runtime_env already applies and Ray refuses to merge a second one with the same variables
     env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
     in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env_vars |= {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     runtime_env = {"env_vars": env_vars} if env_vars and not in_ray_job else None
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting a local Ray instance")
+        for k, v in WORKER_ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(runtime_env=runtime_env, include_dashboard=False, **local_kwargs)

@@ -381,3 +381,28 @@ def test_input_and_output_on_s3(model_dir, s3, ray_local):
     assert t.column("record_id").to_pylist() == src.column("record_id").to_pylist()
     local = load_model(model_dir)
     assert_invariants(t, local.spec.feature_names, local.model.latent_dim)
+
+
+# ---- progress ------------------------------------------------------------------------------------------
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal():
+    from pipeline.score.progress import ProgressReporter, progress_text
+
+    assert progress_text(250, 1000, 10.0) == "250 / 1,000 rows (25%), 25 rows/s, ETA 0:30"
+    assert progress_text(1000, 1000, 10.0).endswith("ETA -")
+
+    log = io.StringIO()  # not a terminal: one line at each tenth reached, nothing in between
+    rep = ProgressReporter(lambda: 0, total=1000, stream=log, log_every=3600)
+    for done in (0, 50, 99, 100, 150, 420, 1000):
+        rep.show(done)
+    lines = log.getvalue().splitlines()
+    assert [line.split(" / ")[0] for line in lines] == ["scoring: 100", "scoring: 420", "scoring: 1,000"]
+    assert "\r" not in log.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    rep = ProgressReporter(lambda: 0, total=1000, stream=term)
+    rep.show(500)
+    assert term.getvalue().startswith("\r[" + "#" * 15 + "." * 15 + "] scoring: 500 / 1,000 rows (50%)")

@@ -29,7 +29,7 @@ from pipeline.errors import FAIL_AT_ENV
 from pipeline.io import storage
 from pipeline.io.inputs import preflight
 from pipeline.train.data import is_validation, statistics_pass
-from pipeline.train.loop import load_state, restore_optimizer, save_state
+from pipeline.train.loop import ShardCache, load_state, restore_optimizer, save_state
 
 ADULT = DATA / "adult" / "adult.parquet"
 SMALL = "--latent-dim 4 --hidden 16 16 --batch-size 1024 --kl-warmup-epochs 1 --mc-samples 2 --iw-samples 4"
@@ -68,10 +68,14 @@ def test_split_is_a_function_of_the_id_alone(adult):
     assert not (whole & ~is_validation(adult, ids, 0.2)).any()
 
 
-def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, ray_local):
+@pytest.mark.parametrize("local_rows", [10**9, 0], ids=["on the driver", "in ray tasks"])
+def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, ray_local, local_rows):
     spec = dataset_spec("adult")
-    shards = write_shards(adult.slice(0, 9000), tmp_path / "shards", 3)
-    got = statistics_pass(preflight(str(shards), spec), spec, 0.1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):  # row groups of 700 rows: the tasks split files by row group
+        pq.write_table(adult.slice(i * 3000, 3000), shards / f"part-{i}.parquet", row_group_size=700)
+    got = statistics_pass(preflight(str(shards), spec), spec, 0.1, local_rows=local_rows)
     want = partial_stats(spec, adult.slice(0, 9000).select(spec.columns))
     assert got.rows == 9000 and got.val_rows == int(is_validation(adult.slice(0, 9000), ["record_id"], 0.1).sum())
     for a, b in zip(fit_families(spec, got.stats), fit_families(spec, want), strict=True):
@@ -80,6 +84,38 @@ def test_statistics_pass_over_shards_equals_one_pass_in_memory(adult, tmp_path, 
         for key in sa:  # merge order changes float rounding only
             same = sa[key] == pytest.approx(sb[key], rel=1e-9) if isinstance(sa[key], float) else sa[key] == sb[key]
             assert same, (a.name, key, sa[key], sb[key])
+
+
+def test_shard_cache_yields_every_record_once_per_epoch_whatever_the_arrival_order(adult):
+    spec = dataset_spec("adult")
+    codec = TableCodec(spec, fit_families(spec, partial_stats(spec, adult)))
+    table = adult.slice(0, 5000)
+    keys = np.sort(codec.encode(table).keys)
+
+    def cached(order: np.ndarray, budget: int) -> ShardCache:
+        cache = ShardCache(budget)
+        shuffled = table.take(order)
+        for i in range(0, 5000, 700):  # arrival in uneven batches, as a stream delivers them
+            cache.add(codec.encode(shuffled.slice(i, 700)))
+        return cache
+
+    a = cached(np.arange(5000), 2**20)
+    b = cached(np.random.default_rng(1).permutation(5000), 2**20)
+    assert a.fits and b.fits
+    a.seal()
+    b.seal()
+    np.testing.assert_array_equal(a.batch.keys, keys)  # key order, whatever order the rows came in
+    torch.testing.assert_close(a.batch.values, b.batch.values, equal_nan=True)
+    for epoch in range(2):  # every record exactly once per epoch; the same order for the same seed
+        seen_a = [mb for mb in a.minibatches(512, torch.Generator().manual_seed(epoch))]
+        seen_b = [mb for mb in b.minibatches(512, torch.Generator().manual_seed(epoch))]
+        got = np.concatenate([mb.keys for mb in seen_a])
+        np.testing.assert_array_equal(np.sort(got), keys)
+        np.testing.assert_array_equal(got, np.concatenate([mb.keys for mb in seen_b]))
+        assert max(len(mb) for mb in seen_a) == 512
+    # over the budget: nothing is kept, the invalid-cell count still is
+    small = cached(np.arange(5000), 100_000)
+    assert not small.fits and small.invalid == a.invalid
 
 
 def test_checkpoint_state_restores_model_and_optimizer_exactly(adult, tmp_path):

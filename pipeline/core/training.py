@@ -38,10 +38,11 @@ def make_optimizer(model: VAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_step(
+def train_step_sums(
     model: VAE, optimizer: torch.optim.Optimizer, batch: EncodedBatch, beta: float = 1.0, grad_clip: float = 10.0
-) -> dict[str, float]:
-    """One gradient step on the negative ELBO; returns sums over the batch for epoch averages."""
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One gradient step on the negative ELBO; returns (records, recon sum, kl sum), the sums as detached
+    0-d tensors on the model's device (no host round trip: a loop adds them up and reads them once)."""
     model.train()
     out = model.loss(batch, kl_weight=beta)
     optimizer.zero_grad(set_to_none=True)
@@ -49,7 +50,15 @@ def train_step(
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return {"n": len(batch), "recon": float(out.recon.sum()), "kl": float(out.kl.sum())}
+    return len(batch), out.recon.detach().sum(), out.kl.detach().sum()
+
+
+def train_step(
+    model: VAE, optimizer: torch.optim.Optimizer, batch: EncodedBatch, beta: float = 1.0, grad_clip: float = 10.0
+) -> dict[str, float]:
+    """One gradient step on the negative ELBO; returns sums over the batch for epoch averages."""
+    n, recon, kl = train_step_sums(model, optimizer, batch, beta, grad_clip)
+    return {"n": n, "recon": float(recon), "kl": float(kl)}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from pipeline.io import storage
 from pipeline.io.inputs import find_unreadable, preflight, read_dataset
 from pipeline.runtime import init_ray
 from pipeline.score import iceberg, publish
+from pipeline.score.progress import ProgressReporter, RowCounter
 from pipeline.score.publish import Published, Reconciliation
 from pipeline.score.scorer import (
     DEFAULT_MIN_OBSERVED,
@@ -40,6 +41,9 @@ from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VER
 log = logging.getLogger("vaepipe.score")
 
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
+BLOCKS_PER_ACTOR = 4  # the input is cut into at least this many blocks per actor ...
+MAX_BATCHES_PER_BLOCK = 16  # ... of at most this many batches
+MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this
 
 
 class ScoringFailed(VaepipeError):
@@ -196,35 +200,50 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
 
 def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> None:
     """read -> map_batches(BatchScorer) -> write_parquet into the run's staging (Ray Data)."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     # a local instance gets a logical CPU beyond the actors, for the read and write tasks
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers + 1))
     _check_capacity(opts)
-    ds = read_dataset(data, spec)
-    if len(data.files) < 2 * opts.workers:
-        # few input files (perhaps one row group each): split their blocks (streaming, no
-        # shuffle) so that every actor gets work
-        per_block = max(opts.batch_size, -(-data.rows // (2 * opts.workers)))
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    try:
+        ds = read_dataset(data, spec)
+        # Blocks of whole batches, at least BLOCKS_PER_ACTOR per actor and at most MAX_BATCHES_PER_BLOCK
+        # batches each, whatever the files: Ray Data reads many small files in one task (one block), and
+        # an actor pool with fewer blocks than actors leaves actors idle. The cut streams (no shuffle);
+        # a small input gets smaller batches (the scores do not depend on batching); never more actors
+        # than blocks.
+        batch_size = opts.batch_size
+        per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
+        if per_block >= batch_size:
+            per_block = min(-(-per_block // batch_size), MAX_BATCHES_PER_BLOCK) * batch_size
+        else:
+            batch_size = per_block = max(per_block, MIN_BATCH_ROWS)
+        actors = max(1, min(opts.workers, -(-data.rows // per_block)))
         ds = ds.repartition(target_num_rows_per_block=per_block)
-    resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
-    ds = ds.map_batches(
-        BatchScorer,
-        fn_constructor_kwargs={"settings": settings.to_dict()},
-        batch_size=opts.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=opts.workers),
-        **resources,
-    )
-    out = storage.locate(staging.scores)
-    ds.write_parquet(
-        out.path,
-        filesystem=out.fs,
-        schema=scores_schema,
-        compression=PARQUET_COMPRESSION,
-        row_group_size=ROW_GROUP_ROWS,
-        min_rows_per_file=opts.rows_per_file,
-    )
+        resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
+        ds = ds.map_batches(
+            BatchScorer,
+            fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            # a short queue per actor: the last blocks go to whichever actor is free
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+            **resources,
+        )
+        out = storage.locate(staging.scores)
+        with ProgressReporter(lambda: ray.get(counter.get.remote(), timeout=10), data.rows):
+            ds.write_parquet(
+                out.path,
+                filesystem=out.fs,
+                schema=scores_schema,
+                compression=PARQUET_COMPRESSION,
+                row_group_size=ROW_GROUP_ROWS,
+                min_rows_per_file=opts.rows_per_file,
+            )
+    finally:
+        ray.kill(counter)
 
 
 def _check_capacity(opts: ScoreOptions) -> None:

@@ -205,8 +205,9 @@ def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS)
 class BatchScorer:
     """The callable class for ``Dataset.map_batches``: the model is loaded once per actor."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], progress=None):
         self.settings = ScoreSettings.from_dict(settings)
+        self.progress = progress  # a RowCounter actor handle (pipeline.score.progress), or None
         if self.settings.s3_endpoint:
             storage.configure(self.settings.s3_endpoint)
         torch.set_num_threads(1)  # one actor per CPU; Ray gives each actor one
@@ -241,5 +242,6 @@ class BatchScorer:
             name = quarantine_file_name(s.run_id)
             write_table(storage.join(s.quarantine_dir, name), quarantined)
         self.batches += 1
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows)  # fire and forget
         return scored
-

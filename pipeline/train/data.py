@@ -4,9 +4,11 @@
   below ``val_fraction``: the same record is always on the same side, whatever the file layout,
   batch size, worker count or seed;
 * :func:`split_datasets` -- the train and validation Ray Datasets (lazy, streaming);
-* :func:`statistics_pass` -- the preprocessing statistics over every input row, one mergeable
-  partial per block computed by Ray Data tasks, merged on the driver as they stream in: the driver
-  holds one running total, so memory does not grow with the row count.
+* :func:`statistics_pass` -- the preprocessing statistics over every input row, each file read once
+  with the spec's columns only: on the driver for small inputs, else one mergeable partial per file
+  (or share of its row groups) from Ray tasks, merged on the driver as they finish: the driver holds
+  one running total, so memory does not grow with the row count;
+* :func:`read_split_samples` -- bounded samples of both sides for the reference scores and baseline.
 
 The statistics cover train and validation rows alike: they are preprocessing (vocabularies,
 locations, scales), not learned parameters, and a label seen only in validation rows must still be
@@ -15,7 +17,6 @@ known when those records are scored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from pipeline.core.codec import merge_stats, partial_stats, record_keys, splitmix64
 from pipeline.errors import InputDataError, root_message, vaepipe_error_in
-from pipeline.io.inputs import InputData, read_dataset
+from pipeline.io.inputs import InputData, InputFile, read_dataset
 from schemas.feature_spec import FeatureSpec
 
 # Salt of the split hash: decorrelates the split from anything else derived from record keys.
@@ -61,21 +62,31 @@ def split_datasets(data: InputData, spec: FeatureSpec, val_fraction: float):
     return train, valid
 
 
-def read_split_rows(data: InputData, spec: FeatureSpec, val_fraction: float, validation: bool, limit: int):
-    """The first `limit` rows of one side of the split, read on the driver (no Ray): a bounded sample
-    for the reference scores and the baseline. None when that side is empty."""
+def read_split_samples(data: InputData, spec: FeatureSpec, val_fraction: float, val_limit: int, train_limit: int):
+    """The first ``val_limit`` validation rows and the first ``train_limit`` training rows, read on the
+    driver (no Ray) in one pass over the leading files: bounded samples for the reference scores and the
+    baseline. Each is None when that side has no rows."""
     import pyarrow.parquet as pq
 
-    fs, tables, n = data.filesystem(), [], 0
+    ids = list(spec.id_columns)
+    fs, sides = data.filesystem(), {True: [], False: []}
+    limits, counts = {True: val_limit, False: train_limit}, {True: 0, False: 0}
     for f in data.files:
         with fs.open_input_file(f.path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=65_536, columns=spec.columns):
-                table = _SplitFilter(list(spec.id_columns), val_fraction, validation)(pa.Table.from_batches([batch]))
-                tables.append(table)
-                n += table.num_rows
-                if n >= limit:
-                    return pa.concat_tables(tables).slice(0, limit)
-    return pa.concat_tables(tables) if n else None
+                table = pa.Table.from_batches([batch])
+                mask = is_validation(table, ids, val_fraction)
+                for side in (True, False):
+                    if counts[side] < limits[side]:
+                        part = table.filter(pa.array(mask if side else ~mask))
+                        sides[side].append(part)
+                        counts[side] += part.num_rows
+                if all(counts[s] >= limits[s] for s in (True, False)):
+                    break
+        if all(counts[s] >= limits[s] for s in (True, False)):
+            break
+    out = [pa.concat_tables(sides[s]).slice(0, limits[s]) if counts[s] else None for s in (True, False)]
+    return out[0], out[1]
 
 
 # ---- statistics pass ------------------------------------------------------------------------------
@@ -90,41 +101,78 @@ class DataStats:
         return self.rows - self.val_rows
 
 
-class _PartialStats:
-    """Ray Data batch function: one JSON-encoded partial per batch, plus its validation-row count."""
-
-    def __init__(self, spec_dict: dict, val_fraction: float):
-        self.spec = FeatureSpec.from_dict(spec_dict)
-        self.val_fraction = val_fraction
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        part = partial_stats(self.spec, table)
-        n_val = int(is_validation(table, self.spec.id_columns, self.val_fraction).sum())
-        return pa.table({"partial": [json.dumps(part)], "val_rows": [n_val]})
+LOCAL_STATS_ROWS = 2_000_000  # up to this many input rows, the driver computes the statistics itself
 
 
-def statistics_pass(data: InputData, spec: FeatureSpec, val_fraction: float) -> DataStats:
-    """Merged statistics over every input row; Ray Data computes the partials, streaming."""
-    ds = read_dataset(data, spec).map_batches(
-        _PartialStats(spec.to_dict(), val_fraction), batch_format="pyarrow", batch_size=STATS_BATCH_ROWS
-    )
+def file_partial(fs, f: InputFile, spec: FeatureSpec, val_fraction: float, piece: int = 0, pieces: int = 1):
+    """(partial statistics, validation rows) of one file's row groups ``piece::pieces``, reading only
+    the spec's columns, in batches (memory bounded by the batch). Errors name the file."""
+    import pyarrow.parquet as pq
+
+    total: dict[str, Any] | None = None
+    n_val = 0
+    try:
+        with fs.open_input_file(f.path) as handle:
+            pf = pq.ParquetFile(handle)
+            groups = list(range(piece, pf.metadata.num_row_groups, pieces))
+            if not groups:
+                return None, 0
+            for batch in pf.iter_batches(batch_size=STATS_BATCH_ROWS, row_groups=groups, columns=spec.columns):
+                table = pa.Table.from_batches([batch])
+                total = merge_stats(spec, total, partial_stats(spec, table))
+                n_val += int(is_validation(table, spec.id_columns, val_fraction).sum())
+    except InputDataError as e:
+        if e.file is None:
+            raise InputDataError(str(e), file=f.uri) from e
+        raise
+    except Exception as e:  # a page that the footer check could not see: name the file
+        raise InputDataError(f"cannot read the input data ({root_message(e)})", file=f.uri) from e
+    return total, n_val
+
+
+def _file_partial_task(fs, f: InputFile, spec_dict: dict, val_fraction: float, piece: int, pieces: int):
+    return file_partial(fs, f, FeatureSpec.from_dict(spec_dict), val_fraction, piece, pieces)
+
+
+def statistics_pass(
+    data: InputData, spec: FeatureSpec, val_fraction: float, local_rows: int = LOCAL_STATS_ROWS
+) -> DataStats:
+    """Merged statistics over every input row, reading each file once with the spec's columns only.
+
+    Up to ``local_rows`` input rows the driver reads the files itself (no task start-up); beyond, one
+    Ray task per file (or per share of a file's row groups when files are fewer than twice the
+    cluster's CPUs) computes a partial, and the driver merges them as they finish, with a bounded
+    number in flight: it holds one running total, so memory does not grow with the row count."""
+    fs = data.filesystem()
     total: dict[str, Any] | None = None
     val_rows = 0
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for part, n_val in zip(
-                batch.column("partial").to_pylist(), batch.column("val_rows").to_pylist(), strict=True
-            ):
-                total = merge_stats(spec, total, json.loads(part))
-                val_rows += n_val
-    except InputDataError:
-        raise
-    except Exception as e:  # a page that the footer check could not see: name the input
-        cause = vaepipe_error_in(e)
-        if isinstance(cause, InputDataError):
-            raise cause from e
-        raise InputDataError(f"cannot read the input data ({root_message(e)})", file=data.uri) from e
+    if data.rows <= local_rows:
+        for f in data.files:
+            part, n_val = file_partial(fs, f, spec, val_fraction)
+            if part is not None:
+                total, val_rows = merge_stats(spec, total, part), val_rows + n_val
+    else:
+        import ray
+
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pieces = max(1, -(-2 * cpus // len(data.files)))
+        task = ray.remote(num_cpus=1, max_retries=2)(_file_partial_task)
+        jobs = [(f, k) for f in data.files for k in range(pieces)]
+        spec_ref, pending = ray.put(spec.to_dict()), []
+        while jobs or pending:
+            while jobs and len(pending) < 2 * cpus:
+                f, k = jobs.pop(0)
+                pending.append(task.remote(fs, f, spec_ref, val_fraction, k, pieces))
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                part, n_val = ray.get(done[0])
+            except Exception as e:
+                cause = vaepipe_error_in(e)
+                if isinstance(cause, InputDataError):
+                    raise cause from e
+                raise InputDataError(f"cannot read the input data ({root_message(e)})", file=data.uri) from e
+            if part is not None:
+                total, val_rows = merge_stats(spec, total, part), val_rows + n_val
     if total is None or total["_rows"] == 0:
         raise InputDataError("the input has no rows", file=data.uri)
     return DataStats(total, int(total["_rows"]), val_rows)
-

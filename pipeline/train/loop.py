@@ -7,10 +7,13 @@ Phases per worker (``train_loop_per_worker(config)``, config a plain dict from :
 2. **resume** -- if Ray Train hands back a checkpoint (after a worker failure, or a re-run with
    ``--resume``), restore weights, optimizer, best weights, early-stopping state and the epoch;
 3. **epochs** -- the shard of "train" (``get_dataset_shard``, Arrow batches, local shuffle) encoded
-   with :class:`~pipeline.core.codec.TableCodec`, one :func:`~pipeline.core.training.train_step` per batch
-   (the same step as the in-memory loop); then the shard of "valid" through
+   with :class:`~pipeline.core.codec.TableCodec`, one :func:`~pipeline.core.training.train_step_sums` per
+   batch (the same step as the in-memory loop); then the shard of "valid" through
    :func:`~pipeline.core.training.evaluate`; sums all-reduced across workers, so every worker sees the
-   same metrics and takes the same early-stopping decision;
+   same metrics and takes the same early-stopping decision. When every worker's encoded shards fit
+   ``cache_mb``, the first pass keeps them (:class:`ShardCache`) and the later epochs run from memory,
+   reshuffled each epoch, without reading or encoding again; every record is still trained on once
+   per epoch (uneven shards end under DDP's ``join``);
 4. **report** -- metrics every epoch, with a checkpoint from rank 0, and one progress line.
 
 A checkpoint is a directory of two files, nothing to unpickle:
@@ -29,11 +32,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.core.codec import EncodedBatch, TableCodec, families_from_json
 from pipeline.core.model import VAE, VAEConfig
-from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
+from pipeline.core.training import (
+    TrainConfig,
+    evaluate,
+    iterate_minibatches,
+    kl_weight,
+    make_optimizer,
+    train_step_sums,
+)
 from pipeline.errors import FailureHook
 from schemas.feature_spec import FeatureSpec
 
@@ -49,7 +60,8 @@ class LoopConfig:
     families: list[dict]  # codec.families_to_json(fitted families)
     model: dict  # VAEConfig.to_dict()
     train: dict  # asdict(TrainConfig)
-    shuffle_buffer: int = 10_000  # rows in each worker's local shuffle buffer
+    shuffle_buffer: int = 10_000  # rows in each worker's local shuffle buffer (epochs read from the stream)
+    cache_mb: int = 1024  # a worker keeps its encoded shards in memory up to this size (0: stream every epoch)
     use_gpu: bool = False
     bf16: bool = False  # bfloat16 autocast of the networks (GPU only)
     threads: int = 1  # torch threads per worker (its CPUs)
@@ -117,18 +129,23 @@ def exact_split_config():
     worker the same count; here every record is trained on / validated once per epoch, and the uneven
     last batches are handled by DDP's ``join()``.
     """
-    import copy
-
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
     class ExactSplit(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out = [{} for _ in range(world_size)]
+            current = DataContext.get_current().execution_options
             for name, ds in datasets.items():
                 if ds.name is None:
                     ds.set_name(name)
                 ds = ds.copy(ds)
-                ds.context.execution_options = copy.deepcopy(self.default_ingest_options())
+                # Ray Train's default ingest options, less the deprecated exclude_resources
+                ds.context.execution_options = ExecutionOptions(
+                    resource_limits=current.resource_limits,
+                    preserve_order=current.preserve_order,
+                    verbose_progress=current.verbose_progress,
+                )
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                     out[i][name] = split
             return out
@@ -179,18 +196,18 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def validation_sums(vae: VAE, codec: TableCodec, shard, device, batch_size: int) -> tuple[int, dict[str, float]]:
-    """Rows and sums of recon, kl and per-column log-density over this worker's validation shard,
-    through the same ``evaluate`` as the in-memory loop (which returns averages)."""
+def validation_sums(vae: VAE, batches) -> tuple[int, dict[str, float]]:
+    """Rows and sums of recon, kl and per-column log-density over encoded validation batches, through
+    the same ``evaluate`` as the in-memory loop (which returns averages)."""
     counter = [0]
 
-    def batches():
-        for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            counter[0] += table.num_rows
-            yield codec.encode(table).to(device)
+    def counted():
+        for b in batches:
+            counter[0] += len(b)
+            yield b
 
     try:
-        val = evaluate(vae, batches())
+        val = evaluate(vae, counted())
     except ZeroDivisionError:  # this worker's shard had no validation rows this epoch
         if counter[0]:
             raise
@@ -199,6 +216,60 @@ def validation_sums(vae: VAE, codec: TableCodec, shard, device, batch_size: int)
     return n, {"recon": val["recon_log_density"] * n, "kl": val["kl"] * n} | {
         c: v * n for c, v in val["columns"].items()
     }
+
+
+class ShardCache:
+    """A worker's encoded shard kept in memory after the first pass, when it fits the budget.
+
+    The first epoch streams the shard from Ray Data (read, split, encode) and keeps every encoded
+    batch while the total stays within ``budget`` bytes; the later epochs iterate it in memory,
+    shuffled by a generator seeded per (seed, epoch, rank). All ranks switch together (the decision is
+    all-reduced), because a streaming split starts an epoch only when every worker asks for it.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.parts: list[EncodedBatch] = []
+        self.bytes = 0
+        self.invalid = 0  # invalid cells per pass (the same every epoch)
+        self.batch: EncodedBatch | None = None  # the whole shard, once complete
+
+    def add(self, batch: EncodedBatch) -> None:
+        self.invalid += len(batch.invalid)
+        if self.parts is None:
+            return
+        self.bytes += batch.values.numel() * batch.values.element_size() + batch.observed.numel() + batch.keys.nbytes
+        if self.bytes > self.budget:
+            self.parts = None  # over budget: this shard streams every epoch
+        else:
+            self.parts.append(EncodedBatch(batch.values, batch.observed, batch.keys))
+
+    @property
+    def fits(self) -> bool:
+        return self.parts is not None
+
+    def seal(self) -> None:
+        """The pass is complete: one contiguous batch, rows in key order (independent of arrival order)."""
+        parts = self.parts or []
+        if not parts:
+            self.batch = EncodedBatch(torch.empty(0, 0, dtype=torch.float64), torch.empty(0, 0, dtype=torch.bool),
+                                      np.empty(0, dtype=np.uint64))  # fmt: skip
+        else:
+            keys = np.concatenate([p.keys for p in parts])
+            order = np.argsort(keys, kind="stable")
+            whole = EncodedBatch(torch.cat([p.values for p in parts]), torch.cat([p.observed for p in parts]), keys)
+            self.batch = whole.select(order)
+        self.parts = []
+
+    def minibatches(self, batch_size: int, generator: torch.Generator | None):
+        batch = self.batch
+        if batch is None or len(batch) == 0:
+            return
+        if generator is None:
+            for i in range(0, len(batch), batch_size):
+                yield batch.select(np.arange(i, min(i + batch_size, len(batch))))
+        else:
+            yield from iterate_minibatches(batch, batch_size, generator)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -245,6 +316,22 @@ def train_loop_per_worker(config: dict) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     names = [f.name for f in families]
     stopped = bool(history and history[-1].get("stop"))
+    budget = cfg.cache_mb * 2**20
+    train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
+    cached = False  # True once every rank holds its whole train and valid shards in memory
+    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    val_batch = max(tcfg.batch_size, 4096)
+
+    def stream(shard, cache: ShardCache, batch_size: int, shuffle_seed: int | None):
+        for table in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=cfg.shuffle_buffer if shuffle_seed is not None else None,
+            local_shuffle_seed=shuffle_seed,
+        ):
+            batch = codec.encode(table).to(device)
+            cache.add(batch)
+            yield batch
 
     # ---- epochs ----
     for epoch in range(start, tcfg.epochs):
@@ -254,27 +341,43 @@ def train_loop_per_worker(config: dict) -> None:
             hook.check(epoch, "epoch")
 
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
-        n = recon = kl = invalid = 0.0
-        t0 = time.perf_counter()
-        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-        join = wrapped.join() if ddp else contextlib.nullcontext()
-        with join:
-            for table in train_shard.iter_batches(
-                batch_size=tcfg.batch_size,
-                batch_format="pyarrow",
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) if cfg.shuffle_buffer else None,
-            ):
-                batch = codec.encode(table)
-                invalid += len(batch.invalid)
-                s = train_step(step_model, optimizer, batch.to(device), beta, tcfg.grad_clip)
-                n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
+        shuffle_seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
+        if cached:  # in memory, reshuffled every epoch
+            gen = torch.Generator().manual_seed(shuffle_seed)
+            batches = train_cache.minibatches(tcfg.batch_size, gen)
+        else:  # from the stream (read, split, encode), kept when it fits
+            train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
+            batches = stream(train_shard, train_cache, tcfg.batch_size, shuffle_seed if cfg.shuffle_buffer else None)
+        n = 0
+        recon = torch.zeros((), dtype=torch.float64, device=device)
+        kl = torch.zeros((), dtype=torch.float64, device=device)
+        t0 = epoch_start = time.perf_counter()
+        c0 = time.process_time()
+        with wrapped.join() if ddp else contextlib.nullcontext():
+            for batch in batches:
+                bn, br, bk = train_step_sums(step_model, optimizer, batch, beta, tcfg.grad_clip)
+                n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
         train_seconds = time.perf_counter() - t0
+        train_cpu = time.process_time() - c0  # this worker's CPU time (all its threads) for the epoch's steps
+        invalid = train_cache.invalid
 
-        vn, vsums = validation_sums(vae, codec, valid_shard, device, max(tcfg.batch_size, 4096))
+        if cached:
+            vn, vsums = validation_sums(vae, valid_cache.minibatches(val_batch, None))
+        else:
+            vn, vsums = validation_sums(vae, stream(valid_shard, valid_cache, val_batch, None))
+        fits = float(budget > 0 and train_cache.fits and valid_cache.fits)
         sums = _all_reduce(
-            [n, recon, kl, invalid, vn, vsums["recon"], vsums["kl"], train_seconds, *[vsums[c] for c in names]]
-        )
+            [n, float(recon), float(kl), invalid, vn, vsums["recon"], vsums["kl"], train_seconds, fits,
+             train_cpu, *[vsums[c] for c in names]]
+        )  # fmt: skip
+        if not cached and sums[8] == world:  # every rank holds its shards: the next epochs run in memory
+            train_cache.seal()
+            valid_cache.seal()
+            cached = True
+        elif not cached:
+            budget = 0  # some shard does not fit: every epoch streams, nothing is kept
+        cpu_sum = sums[9]
+        sums = sums[:8] + sums[10:]
         n, recon, kl, invalid, vn, vrecon, vkl, seconds_sum = sums[:8]
         row = {
             "epoch": epoch,
@@ -291,6 +394,9 @@ def train_loop_per_worker(config: dict) -> None:
             "invalid_cells": int(invalid),
             "seconds": seconds_sum / world,
             "rows_per_s": n / max(seconds_sum / world, 1e-9),
+            "cpu_seconds": cpu_sum,  # CPU time of all workers' training steps (load-independent cost)
+            "rows_per_cpu_s": n / max(cpu_sum, 1e-9),
+            "epoch_seconds": time.perf_counter() - epoch_start,  # wall clock, validation included
         }
 
         # early stopping on validation elbo, once the KL weight has reached 1 (mirrors training.fit)
@@ -327,13 +433,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def progress_line(row: dict, epochs: int) -> str:
+    """One line per epoch: metrics, training rows/s, and an ETA from this epoch's wall clock."""
+
     def f(v):
         return "   n/a" if v is None else f"{v:9.3f}"
 
+    left = 0 if row.get("stop") else epochs - row["epoch"] - 1
+    eta = round(left * row.get("epoch_seconds", 0.0))
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs}  beta {row['kl_weight']:.2f}  "
         f"train elbo {f(row['train_elbo'])}  val elbo {f(row['val_elbo'])}  "
-        f"val kl {f(row['val_kl'])}  {row['rows_per_s']:9.0f} rows/s"
+        f"val kl {f(row['val_kl'])}  {row['rows_per_s']:9,.0f} rows/s  ETA {eta // 60}:{eta % 60:02d}"
         + ("  *" if row.get("best") else "")
         + ("  (early stop)" if row.get("stop") else "")
     )

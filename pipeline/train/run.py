@@ -37,8 +37,8 @@ from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeErro
 from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
 from pipeline.runtime import init_ray
-from pipeline.train.data import read_split_rows, split_datasets, statistics_pass
-from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state, progress_line
+from pipeline.train.data import read_split_samples, split_datasets, statistics_pass
+from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state
 from schemas.feature_spec import FeatureSpec, load_spec
 
 log = logging.getLogger("vaepipe.train")
@@ -80,6 +80,7 @@ class TrainOptions:
     seed: int = _T.seed
     val_fraction: float = 0.1
     shuffle_buffer: int = 10_000
+    cache_mb: int = 1024
     checkpoint_dir: str | None = None
     resume: bool = False
     keep_checkpoints: bool = False
@@ -104,7 +105,7 @@ class TrainOptions:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows")
-        for name in (*non_negative, "shuffle_buffer"):
+        for name in (*non_negative, "shuffle_buffer", "cache_mb"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
@@ -120,6 +121,7 @@ class TrainResult:
     model_id: str
     model_dir: str
     input_rows: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (setup, ray, statistics, ...)
 
 
 # ---- phases --------------------------------------------------------------------------------------
@@ -239,6 +241,7 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
         model=run["model_config"],
         train=run["train_config"],
         shuffle_buffer=run["shuffle_buffer"],
+        cache_mb=opts.cache_mb,
         use_gpu=opts.gpus_per_worker > 0,
         bf16=opts.bf16,
         threads=opts.cpus_per_worker,
@@ -258,6 +261,8 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
             name=RUN_NAME,
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker group, checkpoints, every report) stay in its log files
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             **kwargs,
         ),
         datasets={"train": train_ds, "valid": valid_ds},
@@ -284,10 +289,12 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
 def reference(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, model: VAE) -> tuple[dict, dict]:
     """Reference distribution of validation elbo / log_marginal, and the independent baseline."""
     codec = TableCodec(spec, model.families)
-    valid = codec.encode(read_split_rows(data, spec, run["val_fraction"], True, opts.reference_rows))
+    valid_rows, train_rows = read_split_samples(
+        data, spec, run["val_fraction"], opts.reference_rows, opts.baseline_rows
+    )
+    valid = codec.encode(valid_rows)
     ref = reference_scores(model, valid, opts.mc_samples, opts.iw_samples, seed=run["train_config"]["seed"])
-    baseline_train = codec.encode(read_split_rows(data, spec, run["val_fraction"], False, opts.baseline_rows))
-    return ref, baseline_summary(model, baseline_train, valid, ref)
+    return ref, baseline_summary(model, codec.encode(train_rows), valid, ref)
 
 
 def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
@@ -328,20 +335,39 @@ def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out:
 
 def run_training(opts: TrainOptions) -> TrainResult:
     """The whole training run: setup, statistics (or the recorded run), Ray Train, the artifact."""
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     opts, spec, data, ckpt_dir = setup(opts)
     claim_checkpoint_dir(ckpt_dir, opts.resume)
     run_meta = recorded_run(ckpt_dir, data) if opts.resume else None
+    lap("setup")
     # a local instance gets logical CPUs for the workers plus Ray Data's read tasks beside them
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker + 2))
+    lap("ray_start")
     if run_meta is not None:
         log.info("resuming the run recorded in %s", ckpt_dir)
     else:
         run_meta = new_run(opts, spec, data)
         storage.write_text(storage.join(ckpt_dir, RUN_META), json.dumps(run_meta, indent=1))
+    lap("statistics")
     out = train(opts, run_meta, data, spec, ckpt_dir)
-    for row in out["meta"]["history"]:
-        log.info(progress_line(row, run_meta["train_config"]["epochs"]))
+    lap("train")
+    history = out["meta"]["history"]
+    timings["epochs"] = sum(h.get("epoch_seconds", 0.0) for h in history)
+    timings["train_start_and_end"] = timings["train"] - timings["epochs"]
     model_id = save(opts, run_meta, data, spec, out)
+    lap("reference_baseline_save")
     if not opts.keep_checkpoints:
         release_checkpoint_dir(ckpt_dir)
-    return TrainResult(model_id, opts.model_dir, data.rows)
+    lap("cleanup")
+    log.info(
+        "done in %.1fs: %s", sum(v for k, v in timings.items() if k not in ("epochs", "train_start_and_end")),
+        ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+    )  # fmt: skip
+    return TrainResult(model_id, opts.model_dir, data.rows, timings)
