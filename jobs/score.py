@@ -17,7 +17,7 @@ import time
 import uuid
 
 from pipeline.core.artifact import load_model
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.core.scoring import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.errors import UsageError, VaepipeError, causes
 from pipeline.io import storage
 from pipeline.io.inputs import preflight, read_dataset
@@ -52,6 +52,10 @@ def build_parser():
     p.add_argument(
         "--iw-samples", type=int, default=DEFAULT_IW_SAMPLES, help="importance samples K (0: log_marginal is null)"
     )
+    p.add_argument(
+        "--conditional-samples", type=int, default=DEFAULT_CONDITIONAL_SAMPLES,
+        help="samples per feature for column_conditional_log_density (0: that column is null, scoring is faster)",
+    )
     p.add_argument("--workers", type=int, default=1, help="scoring actors (each loads the model once)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
     p.add_argument("--batch-size", type=int, default=4096, help="records per scoring batch")
@@ -63,7 +67,9 @@ def build_parser():
 
 def check_args(args) -> str:
     """Validate options; returns the run date."""
-    for name, low in (("mc_samples", 1), ("iw_samples", 0), ("workers", 1), ("batch_size", 1), ("rows_per_file", 1)):
+    lows = (("mc_samples", 1), ("iw_samples", 0), ("conditional_samples", 0), ("workers", 1), ("batch_size", 1),
+            ("rows_per_file", 1))
+    for name, low in lows:
         if getattr(args, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if args.gpus_per_worker < 0:
@@ -119,6 +125,7 @@ def run(args) -> int:
         input_schema=serialize_schema(data.schema),
         mc_samples=args.mc_samples,
         iw_samples=args.iw_samples,
+        conditional_samples=args.conditional_samples,
         seed=args.seed,
         device="cuda" if args.gpus_per_worker > 0 else "cpu",
         s3_endpoint=storage.s3_endpoint(),
@@ -175,6 +182,7 @@ def run(args) -> int:
             "schema_version": SCHEMA_VERSION,
             "mc_samples": args.mc_samples,
             "iw_samples": args.iw_samples,
+            "conditional_samples": args.conditional_samples,
             "seed": args.seed,
             "input": data.uri,
             "input_files": [{"file": f.uri, "rows": f.rows} for f in data.files],

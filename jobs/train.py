@@ -31,8 +31,8 @@ from pipeline.core.artifact import save_model
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.core.model import VAE, VAEConfig
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
-from pipeline.core.training import TrainConfig
+from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, reference_values, score_batch
+from pipeline.core.training import TrainConfig, passes_per_epoch
 from pipeline.errors import InputDataError, UsageError, VaepipeError, first_line
 from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
@@ -80,6 +80,8 @@ def build_parser():
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--kl-warmup-epochs", type=int, default=d.kl_warmup_epochs)
+    g.add_argument("--min-epoch-steps", type=int, default=d.min_epoch_steps,
+                   help="a small table's epoch makes several passes, until this many steps per worker")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping on validation elbo (0: off)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -104,7 +106,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ["gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows", "shuffle_buffer"]:
+    for name in ["gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows", "shuffle_buffer",
+                 "min_epoch_steps"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if not 0.0 < args.val_fraction < 1.0:
@@ -150,7 +153,9 @@ def new_run(args, spec: FeatureSpec, data: InputData) -> dict[str, Any]:
         grad_clip=args.grad_clip,
         patience=args.patience,
         seed=args.seed,
+        min_epoch_steps=args.min_epoch_steps,
     )
+    train.passes_per_epoch = passes_per_epoch(train, ds.train_rows, args.workers)
     return {
         "spec": spec.to_dict(),
         "statistics": ds.stats,
@@ -247,6 +252,8 @@ def reference(args, run: dict, data: InputData, spec: FeatureSpec, model: VAE) -
             "std": float(values.std()),
             "quantiles": np.quantile(values, REFERENCE_QUANTILES).tolist(),
         }
+    if scores.log_marginal is not None:  # what tail_probability compares with (pipeline/core/scoring.py)
+        ref["log_marginal"]["sorted"] = reference_values(scores.log_marginal)
     baseline_train = codec.encode(read_split_rows(data, spec, run["val_fraction"], False, args.baseline_rows))
     base = IndependentBaseline(model.families).fit(baseline_train, steps=BASELINE_STEPS)
     with torch.no_grad():

@@ -131,7 +131,7 @@ def test_end_to_end_adult(name, adult_scored, model_dir):
         assert pf.metadata.num_rows == f["rows"]
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         meta = pf.schema_arrow.metadata
-        assert meta[META_SCHEMA_VERSION] == b"1" and meta[META_MODEL_ID] == art.model_id.encode()
+        assert meta[META_SCHEMA_VERSION] == b"2" and meta[META_MODEL_ID] == art.model_id.encode()
         assert meta[META_RUN_ID] == manifest["run_id"].encode()
         assert (meta[META_MC_SAMPLES], meta[META_IW_SAMPLES]) == (b"8", b"16")
         assert pf.schema_arrow.field("latent_mean").type == pa.list_(pa.float32(), art.model.latent_dim)

@@ -265,16 +265,19 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         join = wrapped.join() if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else _nullcontext()
         with join:
-            for table in train_shard.iter_batches(
-                batch_size=tcfg.batch_size,
-                batch_format="pyarrow",
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) if cfg.shuffle_buffer else None,
-            ):
-                batch = codec.encode(table)
-                invalid += len(batch.invalid)
-                s = train_step(step_model, optimizer, batch.to(device), beta, tcfg.grad_clip)
-                n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
+            for p in range(tcfg.passes_per_epoch or 1):  # the job sets it from min_epoch_steps (small tables)
+                for table in train_shard.iter_batches(
+                    batch_size=tcfg.batch_size,
+                    batch_format="pyarrow",
+                    local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                    local_shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + p * 7 + rank)
+                    if cfg.shuffle_buffer
+                    else None,
+                ):
+                    batch = codec.encode(table)
+                    invalid += len(batch.invalid) if p == 0 else 0
+                    s = train_step(step_model, optimizer, batch.to(device), beta, tcfg.grad_clip)
+                    n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
         train_seconds = time.perf_counter() - t0
 
         vn, vsums = validation_sums(vae, codec, valid_shard, device, max(tcfg.batch_size, 4096))
