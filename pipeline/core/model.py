@@ -41,6 +41,11 @@ from pipeline.core.likelihoods import Family
 from pipeline.core.likelihoods.base import LOG_2PI
 
 
+# The column's base spread is SPREAD_GAIN * a parameter: Adam moves a parameter by about lr per step, and a
+# log-variance may have to travel -7 (a relation 3% as wide as the column) within a few hundred steps.
+SPREAD_GAIN = 10.0
+
+
 @dataclass
 class VAEConfig:
     latent_dim: int = 8  # dimension of z
@@ -48,7 +53,7 @@ class VAEConfig:
     min_log_var: float = -12.0  # bounds on the encoder's log-variance: q(z|x) never degenerates
     max_log_var: float = 6.0
     var_modulation: float = 1.5  # a record's decoder log-variance stays within +-this of its column's (0: unbounded)
-    train_mask: float = 0.5  # largest rate at which observed features are hidden from the encoder in training
+    train_mask: float = 0.2  # largest rate at which observed features are hidden from the encoder in training
     linear_skip: bool = True  # a linear path beside each MLP (x -> q(z|x), z -> heads): factor analysis is nested
 
     def to_dict(self) -> dict:
@@ -134,7 +139,7 @@ class VAE(nn.Module):
             for i, j in enumerate(self._spread):
                 k = self.families[j].spread_index
                 r = raw[j]
-                spread = self.spread_base[i] + m * torch.tanh(r[..., k : k + 1])
+                spread = SPREAD_GAIN * self.spread_base[i] + m * torch.tanh(r[..., k : k + 1])
                 raw[j] = torch.cat([r[..., :k], spread, r[..., k + 1 :]], dim=-1)
         return raw
 

@@ -46,7 +46,7 @@ from pipeline.core.model import VAE, kl_standard_normal, log_standard_normal
 
 DEFAULT_MC_SAMPLES = 16
 DEFAULT_IW_SAMPLES = 64
-DEFAULT_CONDITIONAL_SAMPLES = 16
+DEFAULT_CONDITIONAL_SAMPLES = 8
 _COLUMN_STREAM = 0x9E3779B1  # seed offset per feature for the conditional scores' noise
 # records x samples per decoder pass: bounds scoring memory whatever S, K and the batch size
 SAMPLE_ROWS_PER_PASS = 1 << 16
