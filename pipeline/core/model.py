@@ -40,7 +40,6 @@ from pipeline.core.codec import EncodedBatch
 from pipeline.core.likelihoods import Family
 from pipeline.core.likelihoods.base import LOG_2PI
 
-
 # The column's base spread is SPREAD_GAIN * a parameter: Adam moves a parameter by about lr per step, and a
 # log-variance may have to travel -7 (a relation 3% as wide as the column) within a few hundred steps.
 SPREAD_GAIN = 10.0
