@@ -1,6 +1,9 @@
 """How good the scores are: vaepipe beside peers fitted on the same rows, on real tables.
 
     python benchmarks/quality.py [--tables adult,default_credit,wine,breast_cancer] [--quick] [--seed 0]
+        [--max-train 12000] [--max-test 3000] [--variants "name:key=value,...;..."] [--threads 1]
+
+``--variants`` adds vaepipe arms with other VAEConfig / TrainConfig settings (e.g. ``nomask:train_mask=0``).
 
 Tables: ../shared/data adult, default_credit and wine (or tests/data where present), and scikit-learn's bundled
 breast cancer table (569 rows; 30 positive measurements with tight relations such as radius, perimeter and area,
