@@ -26,6 +26,10 @@ def build_parser():
     p.add_argument(
         "--iw-samples", type=int, default=d.iw_samples, help="importance samples K (0: log_marginal is null)"
     )
+    p.add_argument(
+        "--conditional-samples", type=int, default=d.conditional_samples,
+        help="samples per feature for column_conditional_log_density (0: that column is null, scoring is faster)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=d.workers, help="scoring actors (each loads the model once)")
     p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="GPUs per scoring actor (0: CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per scoring batch")

@@ -38,6 +38,10 @@ def build_parser():
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--kl-warmup-epochs", type=int, default=d.kl_warmup_epochs)
+    g.add_argument(
+        "--min-epoch-steps", type=int, default=d.min_epoch_steps,
+        help="a small table's epoch makes several passes, until this many steps per worker",
+    )  # fmt: skip
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping on validation elbo (0: off)")
     g.add_argument("--seed", type=int, default=d.seed)

@@ -52,7 +52,7 @@ from pipeline.core.codec import EncodedBatch, TableCodec, fit_families, merge_st
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
-from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, train_step
+from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, passes_per_epoch, train_step
 from pipeline.errors import InputDataError, UsageError, VaepipeError
 from pipeline.io.inputs import preflight
 from schemas.feature_spec import FeatureSpec, load_spec
@@ -318,7 +318,9 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
         grad_clip=opts.grad_clip,
         patience=opts.patience,
         seed=opts.seed,
+        min_epoch_steps=opts.min_epoch_steps,
     )
+    tcfg.passes_per_epoch = passes_per_epoch(tcfg, train_table.num_rows)
     mcfg = VAEConfig(latent_dim=opts.latent_dim, hidden=tuple(opts.hidden))
 
     # ---- train: the job's worker loop with one worker, the whole table shuffled each epoch ----
@@ -336,12 +338,13 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
         t0 = time.perf_counter()
         n = recon = kl = 0.0
-        perm = torch.randperm(len(train_enc), generator=gen).numpy()
-        for start in range(0, len(perm), tcfg.batch_size):
-            s = train_step(
-                vae, optimizer, train_enc.select(perm[start : start + tcfg.batch_size]), beta, tcfg.grad_clip
-            )
-            n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
+        for _ in range(tcfg.passes_per_epoch):
+            perm = torch.randperm(len(train_enc), generator=gen).numpy()
+            for start in range(0, len(perm), tcfg.batch_size):
+                s = train_step(
+                    vae, optimizer, train_enc.select(perm[start : start + tcfg.batch_size]), beta, tcfg.grad_clip
+                )
+                n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
         seconds = time.perf_counter() - t0
         val = evaluate(vae, _batches(valid_enc, max(tcfg.batch_size, 4096)))
         row = _history_row(epoch, beta, (n, recon, kl, len(train_enc.invalid)), val, len(valid_enc), seconds, names)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from schemas.feature_spec import FeatureSpec
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: tail_probability, column_conditional_log_density
 
 # Parquet key-value metadata keys
 META_SCHEMA_VERSION = b"vaepipe.schema_version"
@@ -32,6 +32,7 @@ META_RUN_ID = b"vaepipe.run_id"
 META_MC_SAMPLES = b"vaepipe.mc_samples"
 META_IW_SAMPLES = b"vaepipe.iw_samples"
 META_SEED = b"vaepipe.seed"
+META_CONDITIONAL_SAMPLES = b"vaepipe.conditional_samples"
 
 # ---- layout ----------------------------------------------------------------------------------------
 PARTITION_KEY = "dt"  # hive partitioning: OUTPUT/dt=YYYY-MM-DD
@@ -100,6 +101,12 @@ def scores_schema(
         ),
         pa.field("n_observed", pa.int32(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
+        pa.field("tail_probability", pa.float64(), nullable=True),
+        pa.field(
+            "column_conditional_log_density",
+            pa.struct([pa.field(f, pa.float64(), nullable=True) for f in spec.feature_names]),
+            nullable=True,
+        ),
     ]
     return pa.schema(fields, metadata=dict(metadata) if metadata else None)
 
@@ -113,8 +120,18 @@ def _nullable_float(values: np.ndarray) -> pa.Array:
     return pa.array(values, pa.float64(), from_pandas=True)  # NaN -> null
 
 
-def scores_to_table(ids: pa.Table, scores, spec: FeatureSpec, model_id: str, schema: pa.Schema) -> pa.Table:
-    """Assemble one batch of output rows (``scores`` is a :class:`pipeline.core.scoring.Scores`)."""
+def scores_to_table(
+    ids: pa.Table,
+    scores,
+    spec: FeatureSpec,
+    model_id: str,
+    schema: pa.Schema,
+    tail_probability: np.ndarray | None = None,
+) -> pa.Table:
+    """Assemble one batch of output rows (``scores`` is a :class:`pipeline.core.scoring.Scores`).
+
+    ``tail_probability`` None (no log_marginal, or no stored reference) writes nulls; so does a
+    ``scores.column_conditional_log_density`` of None (conditional scores turned off) for that struct."""
     n = ids.num_rows
     dim = scores.latent_mean.shape[1]
     col = scores.column_log_density
@@ -127,6 +144,15 @@ def scores_to_table(ids: pa.Table, scores, spec: FeatureSpec, model_id: str, sch
         if scores.log_marginal is not None
         else pa.nulls(n, pa.float64())
     )
+    cond = scores.column_conditional_log_density
+    cond_type = schema.field("column_conditional_log_density").type
+    if cond is None:
+        cond_struct = pa.nulls(n, cond_type)
+    else:
+        cond_struct = pa.StructArray.from_arrays(
+            [_nullable_float(cond[:, j]) for j in range(len(spec.feature_names))], fields=list(cond_type)
+        )
+    tail = pa.array(tail_probability, pa.float64()) if tail_probability is not None else pa.nulls(n, pa.float64())
     arrays = [ids.column(c).combine_chunks().cast(schema.field(c).type) for c in spec.id_columns]
     arrays += [
         _fixed_list(scores.latent_mean, dim),
@@ -138,6 +164,8 @@ def scores_to_table(ids: pa.Table, scores, spec: FeatureSpec, model_id: str, sch
         struct,
         pa.array(scores.n_observed, pa.int32()),
         pa.array([model_id] * n, pa.string()),
+        tail,
+        cond_struct,
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
 

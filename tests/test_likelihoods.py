@@ -56,6 +56,8 @@ def _binary_twin(fam, raw, y):
 
 def _categorical_twin(fam, raw, k):
     p = special.softmax(np.clip(raw.numpy().astype(np.float64), -20, 20))
+    if fam.oov_mass is not None:  # a fixed out-of-vocabulary mass, the vocabulary sharing the rest
+        p = np.r_[(1.0 - fam.oov_mass) * p, fam.oov_mass]
     m = stats.multinomial(1, p)
     return np.array([m.logpmf(np.eye(len(p))[int(i)]) for i in k])
 
@@ -71,7 +73,8 @@ POS_ZEROS = Positive("p0", loc=1.2, scale=0.7, zero_fraction=0.6)
 POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)
 COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))
 BINARY = Binary("b", ["no", "yes"])
-CAT = Categorical("k", ["a", "b", "c", "d"])
+CAT = Categorical("k", ["a", "b", "c", "d"])  # out-of-vocabulary mass learned (models before Good-Turing)
+CAT_GT = Categorical("k", ["a", "b", "c", "d"], oov_mass=0.03)  # out-of-vocabulary mass from counts
 ORD = Ordinal("o", ["low", "mid", "high", "top"])
 
 CASES = [
@@ -90,6 +93,8 @@ CASES = [
     Case("binary-extreme", BINARY, [-14.0], [0, 1], _binary_twin, "discrete"),
     Case("categorical", CAT, [0.5, -1.0, 2.0, 0.0, -3.0], [0, 1, 2, 3, 4], _categorical_twin, "discrete"),
     Case("categorical-peaked", CAT, [9.0, -9.0, 0.0, 1.0, -25.0], [0, 2, 4], _categorical_twin, "discrete"),
+    Case("categorical-oov-mass", CAT_GT, [0.5, -1.0, 2.0, 0.0], [0, 1, 2, 3, 4], _categorical_twin, "discrete"),
+    Case("categorical-oov-peaked", CAT_GT, [19.0, -19.0, 0.0, 1.0], [0, 3, 4], _categorical_twin, "discrete"),
     Case("ordinal", ORD, [-1.0, 0.3, 0.5], [0, 1, 2, 3], _ordinal_twin, "discrete"),
     Case("ordinal-tight", ORD, [2.0, -6.0, -6.0], [0, 1, 2, 3], _ordinal_twin, "discrete"),
     Case("ordinal-shifted", ORD, [-12.0, 3.0, 0.1], [0, 1, 2, 3], _ordinal_twin, "discrete"),
@@ -122,7 +127,7 @@ def test_normalised(case: Case):
         if isinstance(fam, Count):
             k = np.arange(0, 20000, dtype=np.float64)
         else:
-            k = np.arange(fam.n_params if isinstance(fam, Categorical) else len(getattr(fam, "levels", [0, 1])))
+            k = np.arange(fam.n_classes if isinstance(fam, Categorical) else len(getattr(fam, "levels", [0, 1])))
         total = np.exp(_lp(case, k.tolist())).sum()
     elif case.support == "continuous":
         mean, log_var = (t.item() for t in fam.params(raw[0]))
@@ -151,6 +156,7 @@ EXTREMES = [
     (POS, [0.0, 1e300, 1e-300]),  # a zero where training never had one
     (COUNT, [1e9, 1e15]),
     (CAT, [4.0]),  # out of vocabulary
+    (CAT_GT, [4.0]),
 ]
 
 

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 ADULT = DATA / "adult" / "adult.parquet"
 ADULT_MISSING = DATA / "adult" / "adult_missing20.parquet"
-SAMPLES = ["--mc-samples", "8", "--iw-samples", "16"]
+SAMPLES = ["--mc-samples", "8", "--iw-samples", "16", "--conditional-samples", "2"]
 DATE = "2026-01-15"
 
 
@@ -98,6 +98,15 @@ def assert_invariants(t: pa.Table, features: list[str], latent_dim: int) -> None
     np.testing.assert_array_equal(present.sum(1), t.column("n_observed").to_numpy())
     np.testing.assert_allclose(np.where(present, stacked, 0).sum(1), recon, rtol=1e-9, atol=1e-9)
     assert lm.mean() >= elbo.mean()
+    # calibrated against the model's validation records: in [0, 1], and ordered like log_marginal
+    tail = t.column("tail_probability").to_numpy(zero_copy_only=False)
+    assert ((tail >= 0) & (tail <= 1)).all()
+    order = np.argsort(lm)
+    assert (np.diff(tail[order]) >= 0).all()
+    cond = t.column("column_conditional_log_density").combine_chunks()
+    cstacked = np.stack([cond.field(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
+    np.testing.assert_array_equal(~np.isnan(cstacked), present)  # null exactly where the value is missing
+    assert np.isfinite(cstacked[present]).all()
 
 
 # ---- end to end on the real data ---------------------------------------------------------------------
@@ -129,6 +138,9 @@ def test_end_to_end_adult(name, adult_scored, model_dir):
     assert_invariants(t, art.spec.feature_names, art.model.latent_dim)
     if name == "adult_missing20":
         assert t.column("n_observed").to_numpy().min() < len(art.spec.feature_names)
+    else:  # the rows look like the model's validation rows: tail probabilities spread around the middle
+        tail = t.column("tail_probability").to_numpy()
+        assert 0.3 < np.median(tail) < 0.7 and (tail < 0.05).mean() < 0.15
     assert set(pc.unique(t.column("model_id")).to_pylist()) == {art.model_id}
     # the one fixed schema, with its metadata, in every file
     part = out / f"dt={DATE}"
@@ -138,7 +150,7 @@ def test_end_to_end_adult(name, adult_scored, model_dir):
         assert pf.metadata.num_rows == f["rows"]
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         meta = pf.schema_arrow.metadata
-        assert meta[META_SCHEMA_VERSION] == b"1" and meta[META_MODEL_ID] == art.model_id.encode()
+        assert meta[META_SCHEMA_VERSION] == b"2" and meta[META_MODEL_ID] == art.model_id.encode()
         assert meta[META_RUN_ID] == manifest["run_id"].encode()
         assert (meta[META_MC_SAMPLES], meta[META_IW_SAMPLES]) == (b"8", b"16")
         assert pf.schema_arrow.field("latent_mean").type == pa.list_(pa.float32(), art.model.latent_dim)

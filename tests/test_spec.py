@@ -114,7 +114,8 @@ def test_scores_schema_follows_the_contract():
     spec = parse_spec(CONTRACT_EXAMPLE)
     schema = scores_schema(spec, {"record_id": pa.int64()}, latent_dim=5)
     assert schema.names == ["record_id", "latent_mean", "latent_var", "recon_log_density", "kl", "elbo",
-                            "log_marginal", "column_log_density", "n_observed", "model_id"]
+                            "log_marginal", "column_log_density", "n_observed", "model_id", "tail_probability",
+                            "column_conditional_log_density"]
     assert schema.field("latent_mean").type == pa.list_(pa.float32(), 5)
     assert schema.field("latent_var").type == pa.list_(pa.float32(), 5)
     for name in ("recon_log_density", "kl", "elbo", "log_marginal"):
@@ -122,3 +123,5 @@ def test_scores_schema_follows_the_contract():
     struct = schema.field("column_log_density").type
     assert [f.name for f in struct] == spec.feature_names and all(f.type == pa.float64() for f in struct)
     assert schema.field("n_observed").type == pa.int32() and schema.field("model_id").type == pa.string()
+    assert schema.field("tail_probability").type == pa.float64()
+    assert schema.field("column_conditional_log_density").type == struct

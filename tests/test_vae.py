@@ -37,7 +37,8 @@ def wine():
     enc_train, enc_valid = codec.encode(train), codec.encode(valid)
     torch.manual_seed(0)
     model = VAE(families, VAEConfig(latent_dim=4, hidden=(64, 64)))
-    history = fit(model, enc_train, TrainConfig(epochs=30, batch_size=256, kl_warmup_epochs=5, patience=5), enc_valid)
+    cfg = TrainConfig(epochs=30, batch_size=256, kl_warmup_epochs=5, patience=5, min_epoch_steps=0)
+    history = fit(model, enc_train, cfg, enc_valid)
     return {"spec": spec, "codec": codec, "train": enc_train, "valid": enc_valid, "model": model,
             "history": history, "valid_table": valid}
 

@@ -8,6 +8,24 @@
 
 Prior p(z) = N(0, I). Missing values are zeroed in the encoder input, flagged in the mask, and
 excluded from log p(x|z); they are never imputed into a score.
+
+Decoder variances cannot grow to absorb a gross error: for every feature with a spread parameter (the
+log-variance of ``real`` and ``positive``, the log-dispersion of ``count``) the decoder emits
+
+    spread_j(z) = base_j + var_modulation * tanh(head_j(z))
+
+with ``base_j`` one learned number per feature: a record can widen its variance by at most a factor
+exp(var_modulation) over the column's typical one, so a value many standard deviations off is charged to its
+column instead of being explained away by a corner of latent space with wide variances.
+
+Beside each MLP runs a linear path (``linear_skip``): x -> q(z|x) and z -> the decoder heads, so a
+linear-Gaussian model (factor analysis, probabilistic PCA) is the network with its MLPs at zero, and
+tight linear relations between columns are learned in few steps.
+
+Training hides observed features from the encoder at random (``train_mask``: each record draws a rate
+r ~ U(0, train_mask) and hides each observed feature with probability r) while the reconstruction term
+still counts every observed feature, so q(z | any subset of the features) is a trained posterior: what the
+per-column conditional scores and records with missing values rely on.
 """
 
 from __future__ import annotations
@@ -22,6 +40,10 @@ from pipeline.core.codec import EncodedBatch
 from pipeline.core.likelihoods import Family
 from pipeline.core.likelihoods.base import LOG_2PI
 
+# The column's base spread is SPREAD_GAIN * a parameter: Adam moves a parameter by about lr per step, and a
+# log-variance may have to travel -7 (a relation 3% as wide as the column) within a few hundred steps.
+SPREAD_GAIN = 10.0
+
 
 @dataclass
 class VAEConfig:
@@ -29,6 +51,9 @@ class VAEConfig:
     hidden: tuple[int, ...] = (128, 128)  # MLP widths; the decoder mirrors the encoder
     min_log_var: float = -12.0  # bounds on the encoder's log-variance: q(z|x) never degenerates
     max_log_var: float = 6.0
+    var_modulation: float = 1.5  # a record's decoder log-variance stays within +-this of its column's (0: unbounded)
+    train_mask: float = 0.2  # largest rate at which observed features are hidden from the encoder in training
+    linear_skip: bool = True  # a linear path beside each MLP (x -> q(z|x), z -> heads): factor analysis is nested
 
     def to_dict(self) -> dict:
         return asdict(self) | {"hidden": list(self.hidden)}
@@ -36,6 +61,10 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
         d = dict(d)
+        # artifacts written before these options existed: the architecture they were trained with
+        d.setdefault("var_modulation", 0.0)
+        d.setdefault("train_mask", 0.0)
+        d.setdefault("linear_skip", False)
         if "hidden" in d:
             d["hidden"] = tuple(d["hidden"])
         return cls(**d)
@@ -67,7 +96,13 @@ class VAE(nn.Module):
         self.q_head = nn.Linear(h[-1], 2 * config.latent_dim)
         self.decoder = _mlp([config.latent_dim, *reversed(h)])
         self.heads = nn.Linear(h[0], sum(f.n_params for f in families))
+        if config.linear_skip:
+            self.q_skip = nn.Linear(enc_in, 2 * config.latent_dim, bias=False)
+            self.head_skip = nn.Linear(config.latent_dim, sum(f.n_params for f in families), bias=False)
         self._splits = [f.n_params for f in families]
+        self._spread = [j for j, f in enumerate(families) if f.spread_index is not None]
+        if config.var_modulation > 0 and self._spread:
+            self.spread_base = nn.Parameter(torch.zeros(len(self._spread)))
 
     @property
     def latent_dim(self) -> int:
@@ -85,13 +120,26 @@ class VAE(nn.Module):
         """-> (mean, log-variance) of q(z|x), each [N, D]."""
         x = self.encoder_input(values, observed).to(self.q_head.weight.dtype)
         out = self.q_head(self.encoder(x))
+        if self.config.linear_skip:
+            out = out + self.q_skip(x)
         mean, log_var = out.chunk(2, dim=-1)
         return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
 
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
     def generative(self, z: torch.Tensor) -> list[torch.Tensor]:
         """z [..., N, D] -> one raw parameter tensor [..., N, n_params] per feature."""
-        return list(self.heads(self.decoder(z)).split(self._splits, dim=-1))
+        out = self.heads(self.decoder(z))
+        if self.config.linear_skip:
+            out = out + self.head_skip(z)
+        raw = list(out.split(self._splits, dim=-1))
+        if self.config.var_modulation > 0:
+            m = self.config.var_modulation
+            for i, j in enumerate(self._spread):
+                k = self.families[j].spread_index
+                r = raw[j]
+                spread = SPREAD_GAIN * self.spread_base[i] + m * torch.tanh(r[..., k : k + 1])
+                raw[j] = torch.cat([r[..., :k], spread, r[..., k + 1 :]], dim=-1)
+        return raw
 
     def column_log_prob(self, raw: list[torch.Tensor], values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """log p(x_j | z) for every feature, float64 [..., N, F], 0 where x_j is missing."""
@@ -101,7 +149,11 @@ class VAE(nn.Module):
 
     # ---- loss -----------------------------------------------------------------------------------
     def loss(self, batch: EncodedBatch, kl_weight: float = 1.0) -> LossOutput:
-        mean, log_var = self.inference(batch.values, batch.observed)
+        seen = batch.observed
+        if self.training and self.config.train_mask > 0:
+            rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
+            seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
+        mean, log_var = self.inference(batch.values, seen)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         col = self.column_log_prob(self.generative(z), batch.values, batch.observed)
         recon = col.sum(-1)

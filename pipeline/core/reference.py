@@ -21,7 +21,7 @@ import torch
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import EncodedBatch
 from pipeline.core.model import VAE
-from pipeline.core.scoring import score_batch
+from pipeline.core.scoring import reference_values, score_batch
 
 REFERENCE_QUANTILES = np.linspace(0.0, 1.0, 1001)  # 0.1% steps
 BASELINE_STEPS = 300  # Adam steps of the independent-columns baseline (free constants: converges fast)
@@ -43,6 +43,8 @@ def reference_scores(model: VAE, valid: EncodedBatch, mc_samples: int, iw_sample
             "std": float(values.std()),
             "quantiles": np.quantile(values, REFERENCE_QUANTILES).tolist(),
         }
+    if scores.log_marginal is not None:  # what tail_probability compares with (pipeline/core/scoring.py)
+        ref["log_marginal"]["sorted"] = reference_values(scores.log_marginal)
     return ref
 
 

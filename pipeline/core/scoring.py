@@ -12,8 +12,24 @@ For each record, with q(z|x) = N(mu, diag(sigma^2)) and samples z_s = mu + sigma
 One set of max(S, K) samples serves both estimates: sample s feeds the Monte Carlo average when
 s < S and the importance-weighted sum when s < K, through a single decoder pass.
 
+* ``column_conditional_log_density`` (optional, ``conditional_samples`` = C > 0): for each observed
+  feature j, an estimate of log p(x_j | x_-j), the feature given all the others. The record is encoded
+  with j hidden, giving q_j(z) = q(z | x_-j) (training hides features at random, so q_j is a trained
+  posterior); with C samples z_c from q_j and weights w_c = p(x_-j | z_c) p(z_c) / q_j(z_c),
+
+      log p(x_j | x_-j) ~= log sum_c w_c p(x_j | z_c) - log sum_c w_c,
+
+  the ratio of the importance-weighted estimates of p(x) and p(x_-j) on shared samples: consistent as
+  C grows (biased for finite C, like every ratio estimator). A wrong value in column j gets a very low
+  conditional score in j, whatever the record's other columns say: it names the broken column. Cost:
+  one encoder pass and C decoder samples per observed feature.
+
 The noise eps for sample s of a record is a counter-based hash of (record key, seed, s, latent dim),
-so a record's scores do not depend on which batch, position or worker it is scored in.
+so a record's scores do not depend on which batch, position or worker it is scored in. The conditional
+score of feature j draws from its own stream (seed shifted by j + 1 times a large odd constant).
+
+``tail_probability`` compares a record's log_marginal with the model's stored validation values
+(:func:`tail_probability`).
 """
 
 from __future__ import annotations
@@ -30,6 +46,8 @@ from pipeline.core.model import VAE, kl_standard_normal, log_standard_normal
 
 DEFAULT_MC_SAMPLES = 16
 DEFAULT_IW_SAMPLES = 64
+DEFAULT_CONDITIONAL_SAMPLES = 8
+_COLUMN_STREAM = 0x9E3779B1  # seed offset per feature for the conditional scores' noise
 # records x samples per decoder pass: bounds scoring memory whatever S, K and the batch size
 SAMPLE_ROWS_PER_PASS = 1 << 16
 
@@ -44,6 +62,7 @@ class Scores:
     elbo: np.ndarray  # [N] float64
     log_marginal: np.ndarray | None  # [N] float64, None when K = 0
     n_observed: np.ndarray  # [N] int32
+    column_conditional_log_density: np.ndarray | None = None  # [N, F] float64, NaN where missing; None when off
 
 
 def record_noise(keys: np.ndarray, seed: int, first: int, last: int, dim: int) -> np.ndarray:
@@ -73,6 +92,7 @@ def score_batch(
     mc_samples: int = DEFAULT_MC_SAMPLES,
     iw_samples: int = DEFAULT_IW_SAMPLES,
     seed: int = 0,
+    conditional_samples: int = 0,
 ) -> Scores:
     if mc_samples < 1:
         raise ValueError("mc_samples must be at least 1")
@@ -108,6 +128,9 @@ def score_batch(
     recon = column.sum(-1)
     column = torch.where(observed, column, torch.full_like(column, math.nan))
     log_marginal = (lse - math.log(iw_samples)).cpu().numpy() if iw_samples > 0 else None
+    conditional = (
+        conditional_log_density(model, batch, conditional_samples, seed) if conditional_samples > 0 else None
+    )
     return Scores(
         latent_mean=mean.float().cpu().numpy(),
         latent_var=torch.exp(log_var).float().cpu().numpy(),
@@ -117,4 +140,68 @@ def score_batch(
         elbo=(recon - kl).cpu().numpy(),
         log_marginal=log_marginal,
         n_observed=observed.sum(-1).to(torch.int32).cpu().numpy(),
+        column_conditional_log_density=conditional,
     )
+
+
+@torch.inference_mode()
+def conditional_log_density(model: VAE, batch: EncodedBatch, samples: int = DEFAULT_CONDITIONAL_SAMPLES,
+                            seed: int = 0) -> np.ndarray:
+    """[N, F] estimates of log p(x_j | x_-j) (see the module docstring), NaN where x_j is missing."""
+    model.eval()
+    device = next(model.parameters()).device
+    values, observed = batch.values.to(device), batch.observed.to(device)
+    n, n_feat = observed.shape
+    out = torch.full((n, n_feat), math.nan, dtype=torch.float64, device=device)
+    chunk = max(1, SAMPLE_ROWS_PER_PASS // max(n, 1))
+    for j in range(n_feat):
+        rows = observed[:, j]
+        if not bool(rows.any()):
+            continue
+        hidden = observed.clone()
+        hidden[:, j] = False
+        mean, log_var = model.inference(values, hidden)
+        std = torch.exp(0.5 * log_var)
+        log_det = 0.5 * log_var.double().sum(-1)
+        lse_all = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        lse_rest = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        stream = (seed + (j + 1) * _COLUMN_STREAM) % (1 << 63)
+        for first in range(0, samples, chunk):
+            last = min(samples, first + chunk)
+            eps = torch.from_numpy(record_noise(batch.keys, stream, first, last, model.latent_dim)).to(device)
+            z = mean + std * eps
+            col = model.column_log_prob(model.generative(z), values, observed)  # [C, N, F]
+            log_q = -0.5 * (eps.double().pow(2) + LOG_2PI).sum(-1) - log_det
+            log_w_rest = col.sum(-1) - col[..., j] + log_standard_normal(z) - log_q
+            lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(log_w_rest, 0))
+            lse_all = torch.logaddexp(lse_all, torch.logsumexp(log_w_rest + col[..., j], 0))
+        out[:, j] = torch.where(rows, lse_all - lse_rest, out[:, j])
+    return out.cpu().numpy()
+
+
+def reference_values(log_marginal: np.ndarray, keep: int = 10_000) -> list[float]:
+    """The validation log_marginal values to store with the model for :func:`tail_probability`: all of them,
+    sorted, or ``keep`` evenly spaced order statistics when there are more."""
+    v = np.sort(np.asarray(log_marginal, dtype=np.float64))
+    if v.size > keep:
+        v = v[np.round(np.linspace(0, v.size - 1, keep)).astype(np.int64)]
+    return v.tolist()
+
+
+def tail_probability(log_marginal: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Share of the stored validation records with a lower log_marginal.
+
+    ``reference`` holds n sorted values v_0 <= ... <= v_{n-1}. The empirical distribution function is
+    interpolated linearly between the mid-rank points (v_i, (i + 1/2) / n); it is 0 below v_0 and 1 above
+    v_{n-1} (tied values share their mean mid-rank). So a record below every stored one gets 0, a record
+    at the median of the validation records about 0.5.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    x = np.asarray(log_marginal, dtype=np.float64)
+    n = ref.size
+    uniq, first = np.unique(ref, return_index=True)
+    counts = np.diff(np.r_[first, n])
+    mid = (first + 0.5 * counts) / n
+    out = np.interp(x, uniq, mid)
+    out = np.where(x < uniq[0], 0.0, np.where(x > uniq[-1], 1.0, out))
+    return out

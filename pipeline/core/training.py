@@ -2,10 +2,15 @@
 
 The objective is the negative ELBO per record, -(log p(x|z) - beta * KL), with one reparameterised
 sample per record and beta ramping linearly from 0 to 1 over the warm-up epochs.
+
+An epoch is at least ``min_epoch_steps`` optimizer steps: on a small table it makes several shuffled
+passes over the data (:func:`passes_per_epoch`), so that the same defaults (epochs, warm-up, patience)
+train a 500-row table as well as a million-row one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +30,16 @@ class TrainConfig:
     grad_clip: float = 10.0  # max gradient norm
     patience: int = 5  # early stopping on validation elbo (0 = off)
     seed: int = 0
+    min_epoch_steps: int = 50  # an epoch repeats passes over the data until it has made this many steps
+    passes_per_epoch: int | None = None  # None: from min_epoch_steps and the number of training rows
+
+
+def passes_per_epoch(cfg: TrainConfig, train_rows: int, workers: int = 1) -> int:
+    """Passes over the training rows per epoch: enough for ``min_epoch_steps`` steps of ``batch_size`` per worker."""
+    if cfg.passes_per_epoch:
+        return cfg.passes_per_epoch
+    steps = max(1, math.ceil(train_rows / (cfg.batch_size * max(workers, 1))))
+    return max(1, math.ceil(cfg.min_epoch_steps / steps))
 
 
 def kl_weight(epoch: int, warmup_epochs: int) -> float:
@@ -92,12 +107,14 @@ def fit(model: VAE, train: EncodedBatch, cfg: TrainConfig, valid: EncodedBatch |
     opt = make_optimizer(model, cfg)
     history = []
     best, best_state, stale = -float("inf"), None, 0
+    passes = passes_per_epoch(cfg, len(train))
     for epoch in range(cfg.epochs):
         beta = kl_weight(epoch, cfg.kl_warmup_epochs)
         tot = {"n": 0, "recon": 0.0, "kl": 0.0}
-        for mb in iterate_minibatches(train, cfg.batch_size, gen):
-            for k, v in train_step(model, opt, mb, beta, cfg.grad_clip).items():
-                tot[k] += v
+        for _ in range(passes):
+            for mb in iterate_minibatches(train, cfg.batch_size, gen):
+                for k, v in train_step(model, opt, mb, beta, cfg.grad_clip).items():
+                    tot[k] += v
         row = {"epoch": epoch, "kl_weight": beta, "train_elbo": (tot["recon"] - tot["kl"]) / tot["n"]}
         if valid is not None:
             row["val_elbo"] = evaluate(model, [valid])["elbo"]

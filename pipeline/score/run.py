@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline.core.artifact import load_model, resolve_model
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.core.scoring import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.errors import FailureHook, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
 from pipeline.io.inputs import find_unreadable, preflight, read_dataset
@@ -66,6 +66,7 @@ class ScoreOptions:
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     seed: int = 0
     min_observed: int = DEFAULT_MIN_OBSERVED
+    conditional_samples: int = DEFAULT_CONDITIONAL_SAMPLES  # per-column conditional scores (0: null)
     table_format: str = "parquet"  # parquet | iceberg
     catalog: str | None = None  # Iceberg catalog URI or configured name (None: OUTPUT/_catalog.db)
     table: str = iceberg.DEFAULT_TABLE  # Iceberg NAMESPACE.NAME
@@ -73,7 +74,8 @@ class ScoreOptions:
 
     def validate(self) -> str:
         """Check the options; returns the run date."""
-        lows = {"mc_samples": 1, "iw_samples": 0, "workers": 1, "batch_size": 1, "rows_per_file": 1, "min_observed": 0}
+        lows = {"mc_samples": 1, "iw_samples": 0, "workers": 1, "batch_size": 1, "rows_per_file": 1, "min_observed": 0,
+                "conditional_samples": 0}
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
@@ -128,6 +130,7 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
         run_id=run_id,
         input_schema=serialize_schema(data.schema),
         mc_samples=opts.mc_samples,
+        conditional_samples=opts.conditional_samples,
         iw_samples=opts.iw_samples,
         seed=opts.seed,
         min_observed=opts.min_observed,
@@ -165,6 +168,7 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
                 "schema_version": SCHEMA_VERSION,
                 "mc_samples": opts.mc_samples,
                 "iw_samples": opts.iw_samples,
+                "conditional_samples": opts.conditional_samples,
                 "min_observed": opts.min_observed,
                 "seed": opts.seed,
                 "input": data.uri,

@@ -31,10 +31,17 @@ import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model
 from pipeline.core.likelihoods.base import as_array, plain_type
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES, score_batch
+from pipeline.core.scoring import (
+    DEFAULT_CONDITIONAL_SAMPLES,
+    DEFAULT_IW_SAMPLES,
+    DEFAULT_MC_SAMPLES,
+    score_batch,
+    tail_probability,
+)
 from pipeline.errors import FailureHook, VaepipeError
 from pipeline.io import storage
 from schemas.output_table import (
+    META_CONDITIONAL_SAMPLES,
     META_IW_SAMPLES,
     META_MC_SAMPLES,
     META_MODEL_ID,
@@ -69,6 +76,7 @@ class ScoreSettings:
     quarantine_dir: str | None = None  # staging URI the actors write quarantined rows to
     mc_samples: int = DEFAULT_MC_SAMPLES  # Monte Carlo samples for recon_log_density
     iw_samples: int = DEFAULT_IW_SAMPLES  # importance samples for log_marginal (0: null)
+    conditional_samples: int = DEFAULT_CONDITIONAL_SAMPLES  # per-column conditional scores (0: null)
     seed: int = 0  # noise seed (with each record's key)
     min_observed: int = DEFAULT_MIN_OBSERVED  # fewer observed features: quarantined
     expected_model_id: str | None = None  # the model the driver resolved; every actor checks it
@@ -100,6 +108,7 @@ def output_metadata(settings: ScoreSettings, model_id: str) -> dict[bytes, bytes
         META_MC_SAMPLES: str(settings.mc_samples).encode(),
         META_IW_SAMPLES: str(settings.iw_samples).encode(),
         META_SEED: str(settings.seed).encode(),
+        META_CONDITIONAL_SAMPLES: str(settings.conditional_samples).encode(),
     }
     meta.update({f"vaepipe.{k}".encode(): str(v).encode() for k, v in settings.extra_metadata.items()})
     return meta
@@ -156,6 +165,7 @@ def split_and_score(
     iw_samples: int = DEFAULT_IW_SAMPLES,
     seed: int = 0,
     min_observed: int = DEFAULT_MIN_OBSERVED,
+    conditional_samples: int = DEFAULT_CONDITIONAL_SAMPLES,
 ) -> tuple[pa.Table, pa.Table]:
     """-> (scored rows in ``scores_schema_``, quarantined rows in ``quarantine_schema_``)."""
     spec = artifact.spec
@@ -173,10 +183,25 @@ def split_and_score(
         good = table
     if good.num_rows == 0:
         return scores_schema_.empty_table(), quarantined
-    scores = score_batch(artifact.model, encoded, mc_samples=mc_samples, iw_samples=iw_samples, seed=seed)
+    scores = score_batch(artifact.model, encoded, mc_samples=mc_samples, iw_samples=iw_samples, seed=seed,
+                         conditional_samples=conditional_samples)
+    reference = reference_log_marginal(artifact)
+    tail = (
+        tail_probability(scores.log_marginal, reference)
+        if scores.log_marginal is not None and reference is not None
+        else None
+    )
     ids = pa.table(_conform(good, list(spec.id_columns), scores_schema_), names=list(spec.id_columns))
-    scored = scores_to_table(ids, scores, spec, artifact.model_id, scores_schema_)
+    scored = scores_to_table(ids, scores, spec, artifact.model_id, scores_schema_, tail)
     return scored, quarantined
+
+
+def reference_log_marginal(artifact: ModelArtifact) -> np.ndarray | None:
+    """The model's stored validation log_marginal values (sorted) for tail_probability; for a model that stored
+    only quantiles, those quantiles (at their evenly spaced probabilities); None when it stored neither."""
+    ref = artifact.meta.get("reference", {}).get("log_marginal") or {}
+    values = ref.get("sorted") or ref.get("quantiles")
+    return np.asarray(values, dtype=np.float64) if values else None
 
 
 def _quarantine_table(rows: pa.Table, problems: list[tuple[str, str]], spec, schema: pa.Schema) -> pa.Table:
@@ -235,6 +260,7 @@ class BatchScorer:
                 s.iw_samples,
                 s.seed,
                 s.min_observed,
+                s.conditional_samples,
             )
         if quarantined.num_rows:
             if s.quarantine_dir is None:

@@ -342,21 +342,25 @@ def train_loop_per_worker(config: dict) -> None:
 
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
         shuffle_seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
-        if cached:  # in memory, reshuffled every epoch
-            gen = torch.Generator().manual_seed(shuffle_seed)
-            batches = train_cache.minibatches(tcfg.batch_size, gen)
-        else:  # from the stream (read, split, encode), kept when it fits
-            train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
-            batches = stream(train_shard, train_cache, tcfg.batch_size, shuffle_seed if cfg.shuffle_buffer else None)
         n = 0
         recon = torch.zeros((), dtype=torch.float64, device=device)
         kl = torch.zeros((), dtype=torch.float64, device=device)
         t0 = epoch_start = time.perf_counter()
         c0 = time.process_time()
         with wrapped.join() if ddp else contextlib.nullcontext():
-            for batch in batches:
-                bn, br, bk = train_step_sums(step_model, optimizer, batch, beta, tcfg.grad_clip)
-                n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
+            # a small table's epoch makes several passes over the shard (min_epoch_steps)
+            for p in range(tcfg.passes_per_epoch or 1):
+                seed = shuffle_seed + p * 7
+                if cached:  # in memory, reshuffled every pass
+                    batches = train_cache.minibatches(tcfg.batch_size, torch.Generator().manual_seed(seed))
+                elif p == 0:  # from the stream (read, split, encode), kept when it fits
+                    train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
+                    batches = stream(train_shard, train_cache, tcfg.batch_size, seed if cfg.shuffle_buffer else None)
+                else:  # streamed again, not kept (invalid cells are counted on the first pass only)
+                    batches = stream(train_shard, ShardCache(0), tcfg.batch_size, seed if cfg.shuffle_buffer else None)
+                for batch in batches:
+                    bn, br, bk = train_step_sums(step_model, optimizer, batch, beta, tcfg.grad_clip)
+                    n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
         train_seconds = time.perf_counter() - t0
         train_cpu = time.process_time() - c0  # this worker's CPU time (all its threads) for the epoch's steps
         invalid = train_cache.invalid

@@ -32,7 +32,7 @@ from pipeline.core.codec import TableCodec, families_from_json, families_to_json
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
-from pipeline.core.training import TrainConfig
+from pipeline.core.training import TrainConfig, passes_per_epoch
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
@@ -77,6 +77,7 @@ class TrainOptions:
     kl_warmup_epochs: int = _T.kl_warmup_epochs
     grad_clip: float = _T.grad_clip
     patience: int = _T.patience
+    min_epoch_steps: int = _T.min_epoch_steps
     seed: int = _T.seed
     val_fraction: float = 0.1
     shuffle_buffer: int = 10_000
@@ -105,7 +106,7 @@ class TrainOptions:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows")
-        for name in (*non_negative, "shuffle_buffer", "cache_mb"):
+        for name in (*non_negative, "shuffle_buffer", "cache_mb", "min_epoch_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
@@ -159,7 +160,9 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
         grad_clip=opts.grad_clip,
         patience=opts.patience,
         seed=opts.seed,
+        min_epoch_steps=opts.min_epoch_steps,
     )
+    train.passes_per_epoch = passes_per_epoch(train, ds.train_rows, opts.workers)
     return {
         "spec": spec.to_dict(),
         "statistics": ds.stats,

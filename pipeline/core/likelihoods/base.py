@@ -48,6 +48,9 @@ class Family(ABC):
     """A likelihood family bound to one feature and its fitted statistics."""
 
     kind: ClassVar[str]
+    # position of the spread parameter (log-variance, log-dispersion) in the head's raw output, if any:
+    # the model bounds how far a record can move it from the column's learned base (pipeline/core/model.py)
+    spread_index: ClassVar[int | None] = None
 
     def __init__(self, name: str):
         self.name = name

@@ -1,11 +1,22 @@
-"""categorical: a softmax over the training vocabulary plus one out-of-vocabulary class.
+"""categorical: a softmax over the training vocabulary, and a fixed mass for labels never seen.
 
 A label never seen in training (or beyond ``max_categories`` most frequent) is scored as the
-out-of-vocabulary class: a low, finite log-probability, never a crash and never silence. Logits are
-bounded so no class, the unseen one included, has probability 0.
+out-of-vocabulary class: a low, finite log-probability, never a crash and never silence.
+
+The out-of-vocabulary mass is set from the training counts, not learned (training data never holds an
+unseen label, so a learned one only sinks to its bound): the Good-Turing estimate of the mass of unseen
+labels, the share of training values whose label occurs exactly once, counting the labels cut off by
+``max_categories`` as unseen, and at least 1 / (N + 1):
+
+    p(oov) = max(n_1 + n_cut, 1) / (N + 1),    p(label k | z) = (1 - p(oov)) * softmax(logits(z))_k
+
+Logits are bounded so no class has probability 0. Artifacts written before ``oov_mass`` existed keep
+their learned out-of-vocabulary logit (``oov_mass`` None).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -16,12 +27,22 @@ from pipeline.errors import InputDataError
 MAX_CATEGORIES = 1000
 
 
+def good_turing_oov_mass(counts: dict[str, int], kept: int) -> float:
+    """Mass of unseen labels from training counts: (labels seen once + values cut off) / (N + 1), floor 1/(N+1)."""
+    ranked = sorted(counts.values(), reverse=True)
+    n = sum(ranked)
+    once = sum(1 for c in ranked[:kept] if c == 1)
+    cut = sum(ranked[kept:])
+    return max(once + cut, 1) / (n + 1)
+
+
 class Categorical(LabelFamily):
     kind = "categorical"
 
-    def __init__(self, name: str, vocab: list[str]):
+    def __init__(self, name: str, vocab: list[str], oov_mass: float | None = None):
         super().__init__(name)
         self.vocab = [str(v) for v in vocab]
+        self.oov_mass = None if oov_mass is None else float(oov_mass)
 
     @property
     def n_classes(self) -> int:
@@ -29,7 +50,7 @@ class Categorical(LabelFamily):
 
     @property
     def n_params(self):
-        return self.n_classes
+        return len(self.vocab) if self.oov_mass is not None else self.n_classes
 
     @property
     def enc_width(self):
@@ -40,10 +61,11 @@ class Categorical(LabelFamily):
         if not stats["counts"]:
             raise InputDataError("no observed values to fit", column=name)
         ranked = sorted(stats["counts"].items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls(name, [k for k, _ in ranked[:max_categories]])
+        vocab = [k for k, _ in ranked[:max_categories]]
+        return cls(name, vocab, good_turing_oov_mass(stats["counts"], max_categories))
 
     def state(self):
-        return {"vocab": self.vocab}
+        return {"vocab": self.vocab} | ({"oov_mass": self.oov_mass} if self.oov_mass is not None else {})
 
     def encode(self, column) -> EncodedColumn:
         idx = index_labels(to_labels(column), self.vocab)
@@ -56,7 +78,12 @@ class Categorical(LabelFamily):
 
     def params(self, raw: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the classes, vocabulary order, out-of-vocabulary last."""
-        return torch.log_softmax(raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND), dim=-1)
+        logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
+        if self.oov_mass is None:
+            return torch.log_softmax(logits, dim=-1)
+        known = torch.log_softmax(logits, dim=-1) + math.log1p(-self.oov_mass)
+        oov = torch.full_like(known[..., :1], math.log(self.oov_mass))
+        return torch.cat([known, oov], dim=-1)
 
     def log_prob(self, raw, value):
         logp = self.params(raw)

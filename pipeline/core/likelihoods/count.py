@@ -48,6 +48,7 @@ class Count(Family):
         self.loc, self.scale, self.log_mean = float(loc), float(scale), float(log_mean)
 
     n_params = 2  # log-mean (offset by the column's log mean), log-dispersion
+    spread_index = 1
 
     @staticmethod
     def partial_stats(column) -> dict[str, Any]:

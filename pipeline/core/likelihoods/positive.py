@@ -40,6 +40,7 @@ ZERO_FLOOR = 1e-12
 
 class Positive(Family):
     kind = "positive"
+    spread_index = 1
 
     def __init__(self, name: str, loc: float, scale: float, zero_fraction: float, min_var: float = MIN_VAR):
         super().__init__(name)

@@ -41,6 +41,7 @@ class Real(Family):
         self.loc, self.scale, self.min_var = float(loc), float(scale), float(min_var)
 
     n_params = 2  # mean, log-variance of u
+    spread_index = 1
 
     @staticmethod
     def partial_stats(column) -> dict[str, Any]:
