@@ -264,7 +264,7 @@ def _batches(batch: EncodedBatch, size: int):
         yield batch.select(np.arange(start, min(start + size, len(batch))))
 
 
-def _history_row(epoch, beta, train_sums, val, n_val, seconds, names) -> dict[str, Any]:
+def _history_row(epoch, beta, train_sums, val, n_val, seconds, cpu_seconds, epoch_seconds, names) -> dict[str, Any]:
     n, recon, kl, invalid = train_sums
     return {
         "epoch": epoch,
@@ -281,6 +281,9 @@ def _history_row(epoch, beta, train_sums, val, n_val, seconds, names) -> dict[st
         "invalid_cells": int(invalid),
         "seconds": seconds,
         "rows_per_s": n / max(seconds, 1e-9),
+        "cpu_seconds": cpu_seconds,
+        "rows_per_cpu_s": n / max(cpu_seconds, 1e-9),
+        "epoch_seconds": epoch_seconds,
     }
 
 
@@ -336,7 +339,7 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
     best_val, stale, best = -float("inf"), 0, None
     for epoch in range(tcfg.epochs):
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = recon = kl = 0.0
         for _ in range(tcfg.passes_per_epoch):
             perm = torch.randperm(len(train_enc), generator=gen).numpy()
@@ -345,9 +348,12 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
                     vae, optimizer, train_enc.select(perm[start : start + tcfg.batch_size]), beta, tcfg.grad_clip
                 )
                 n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         val = evaluate(vae, _batches(valid_enc, max(tcfg.batch_size, 4096)))
-        row = _history_row(epoch, beta, (n, recon, kl, len(train_enc.invalid)), val, len(valid_enc), seconds, names)
+        row = _history_row(
+            epoch, beta, (n, recon, kl, len(train_enc.invalid)), val, len(valid_enc), seconds, cpu_seconds,
+            time.perf_counter() - t0, names,
+        )  # fmt: skip
         if beta >= 1.0:  # early stopping on validation elbo once the KL weight is 1, as the job's loop
             if row["val_elbo"] > best_val:
                 best_val, stale = row["val_elbo"], 0

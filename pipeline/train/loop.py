@@ -347,9 +347,11 @@ def train_loop_per_worker(config: dict) -> None:
         kl = torch.zeros((), dtype=torch.float64, device=device)
         t0 = epoch_start = time.perf_counter()
         c0 = time.process_time()
-        with wrapped.join() if ddp else contextlib.nullcontext():
-            # a small table's epoch makes several passes over the shard (min_epoch_steps)
-            for p in range(tcfg.passes_per_epoch or 1):
+        # a small table's epoch makes several passes over the shard (min_epoch_steps); each pass is
+        # joined on its own, so that no rank asks the streaming split for the next pass while another
+        # still waits on it in a gradient all-reduce of this one
+        for p in range(tcfg.passes_per_epoch or 1):
+            with wrapped.join() if ddp else contextlib.nullcontext():
                 seed = shuffle_seed + p * 7
                 if cached:  # in memory, reshuffled every pass
                     batches = train_cache.minibatches(tcfg.batch_size, torch.Generator().manual_seed(seed))
