@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.core.artifact import META
+from pipeline.core.artifact import META, meta_path
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from pipeline.runtime import job_main, make_parser
@@ -34,7 +34,7 @@ def build_parser():
 
 def load_meta(model_dir: str) -> dict:
     try:
-        return json.loads(storage.read_text(storage.join(model_dir, META)))
+        return json.loads(storage.read_text(meta_path(model_dir)))  # the version LATEST names, or a plain artifact
     except FileNotFoundError as e:
         raise UsageError(f"no model at {model_dir} ({META} not found)") from e
 
