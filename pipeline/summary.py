@@ -100,6 +100,7 @@ def wrap(main: Callable[[Sequence[str] | None], int], command: str) -> Callable[
         path, fmt = _pre_parse(argv)
         configure_logging(fmt)
         started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
+        outer = _current  # a job run inside another (the demo runs train and score): restored at the end
         _current = dict.fromkeys(_FIELDS) | {"command": command, "run_id": new_run_id(), "started_at": started}
         code: int = 1
         try:
@@ -113,7 +114,7 @@ def wrap(main: Callable[[Sequence[str] | None], int], command: str) -> Callable[
                 note_error(f"{type(e).__name__}: {first_line(e)}")
             raise
         finally:
-            summary, _current = _current, None
+            summary, _current = _current, outer
             summary |= {
                 "exit_code": code,
                 "status": "succeeded" if code == 0 else "failed",
