@@ -52,7 +52,7 @@ from pipeline.core.codec import EncodedBatch, TableCodec, fit_families, merge_st
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
-from pipeline.core.training import TrainConfig, evaluate, kl_weight, make_optimizer, passes_per_epoch, train_step
+from pipeline.core.training import evaluate, kl_weight, make_optimizer, train_step
 from pipeline.errors import InputDataError, UsageError, VaepipeError
 from pipeline.io.inputs import preflight
 from schemas.feature_spec import FeatureSpec, load_spec
@@ -312,18 +312,9 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
         )
     stats = _statistics(spec, table)
     families = fit_families(spec, stats)
-    tcfg = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        weight_decay=opts.weight_decay,
-        kl_warmup_epochs=opts.kl_warmup_epochs,
-        grad_clip=opts.grad_clip,
-        patience=opts.patience,
-        seed=opts.seed,
-        min_epoch_steps=opts.min_epoch_steps,
-    )
-    tcfg.passes_per_epoch = passes_per_epoch(tcfg, train_table.num_rows)
+    from pipeline.train.run import train_config
+
+    tcfg = train_config(opts, train_table.num_rows)
     mcfg = VAEConfig(latent_dim=opts.latent_dim, hidden=tuple(opts.hidden))
 
     # ---- train: the job's worker loop with one worker, the whole table shuffled each epoch ----

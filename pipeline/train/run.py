@@ -125,6 +125,24 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (setup, ray, statistics, ...)
 
 
+def train_config(opts, train_rows: int, workers: int = 1) -> TrainConfig:
+    """The TrainConfig of a run's options (TrainOptions, or the API's options of the same names), with the
+    passes per epoch that min_epoch_steps asks of this many training rows and workers."""
+    tcfg = TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        weight_decay=opts.weight_decay,
+        kl_warmup_epochs=opts.kl_warmup_epochs,
+        grad_clip=opts.grad_clip,
+        patience=opts.patience,
+        seed=opts.seed,
+        min_epoch_steps=opts.min_epoch_steps,
+    )
+    tcfg.passes_per_epoch = passes_per_epoch(tcfg, train_rows, workers)
+    return tcfg
+
+
 # ---- phases --------------------------------------------------------------------------------------
 def setup(opts: TrainOptions) -> tuple[TrainOptions, FeatureSpec, InputData, str]:
     opts.validate()
@@ -151,18 +169,7 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
             "use more data or another --val-fraction",
             file=data.uri,
         )
-    train = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        weight_decay=opts.weight_decay,
-        kl_warmup_epochs=opts.kl_warmup_epochs,
-        grad_clip=opts.grad_clip,
-        patience=opts.patience,
-        seed=opts.seed,
-        min_epoch_steps=opts.min_epoch_steps,
-    )
-    train.passes_per_epoch = passes_per_epoch(train, ds.train_rows, opts.workers)
+    train = train_config(opts, ds.train_rows, opts.workers)
     return {
         "spec": spec.to_dict(),
         "statistics": ds.stats,
