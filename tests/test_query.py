@@ -41,10 +41,13 @@ def write_partition(root: str, dt: str, ids: np.ndarray, elbo: np.ndarray, succe
     table = scores_to_table(pa.table({"record_id": ids}), scores, SPEC, "m-test", schema)
     part = os.path.join(root, f"dt={dt}")
     os.makedirs(part)
+    files = []
     for i, piece in enumerate(np.array_split(np.arange(n), shards)):
-        pq.write_table(table.take(piece), os.path.join(part, f"part-{i:03d}.parquet"))
+        path = os.path.join(part, f"part-{i:03d}.parquet")
+        pq.write_table(table.take(piece), path)
+        files.append({"file": path, "rows": int(piece.size)})
     with open(os.path.join(part, "_manifest.json"), "w") as f:
-        json.dump({"rows": n}, f)
+        json.dump({"rows": n, "output_files": files}, f)
     if success:
         open(os.path.join(part, "_SUCCESS"), "w").close()
 
