@@ -263,7 +263,6 @@ def test_resume_without_a_run_is_a_usage_error(adult, spec_file, tmp_path):
     assert rc == 2 and not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(reason="known defect: the S3 checkpoint prefix keeps an object after training", strict=False)
 def test_training_on_s3(adult, spec_file, s3, ray_local, tmp_path):
     """Data on an S3-compatible server on loopback; the artifact written to s3://."""
     fs = storage.filesystem("s3://vaepipe-test")

@@ -210,7 +210,15 @@ def delete_file(uri: str) -> None:
 
 
 def remove_empty_dir(uri: str) -> None:
-    """Remove a local directory if it is empty (S3 has no directories: nothing to do)."""
+    """Remove a directory if it is empty. On S3, a "directory" that holds no object may still be a
+    marker object (``prefix/``, written by create_dir, as Ray Train's storage does): it is deleted when
+    nothing is listed under the prefix."""
     if not is_s3(uri):
         with contextlib.suppress(OSError):
             os.rmdir(fs_path(uri))
+        return
+    loc = locate(uri)
+    if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
+        return
+    if not loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)):
+        loc.fs.delete_dir(loc.path)  # only the marker is left
