@@ -66,6 +66,10 @@ class LoopConfig:
     bf16: bool = False  # bfloat16 autocast of the networks (GPU only)
     threads: int = 1  # torch threads per worker (its CPUs)
     failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
+    # --resume: the newest complete checkpoint the driver found on storage (a URI). Ray Train registers a
+    # checkpoint a moment after its files are written, so a killed driver can leave files newer than its
+    # snapshot; the worker resumes from whichever of the two is the later epoch.
+    resume_from: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +103,51 @@ def load_state(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = load_file(os.path.join(directory, STATE_WEIGHTS))
     with open(os.path.join(directory, STATE_META)) as f:
         return tensors, json.load(f)
+
+
+def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A checkpoint directory on storage (local or s3://), or None if it is incomplete or unreadable
+    (a process killed while writing it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    from pipeline.io import storage
+
+    try:
+        meta = json.loads(storage.read_text(storage.join(uri, STATE_META)))
+        tensors = load_tensors(storage.read_bytes(storage.join(uri, STATE_WEIGHTS)))
+    except (OSError, ValueError, SafetensorError):  # missing, truncated or half-written
+        return None
+    return (tensors, meta) if isinstance(meta, dict) and "epoch" in meta else None
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The complete checkpoint of the latest epoch under a Ray Train run directory (None if none)."""
+    from pipeline.io import storage
+
+    best: tuple[int, str] | None = None
+    for name in storage.list_dir(run_dir):
+        if not name.startswith("checkpoint_"):
+            continue
+        uri = storage.join(run_dir, name)
+        state = read_checkpoint(uri)
+        if state is not None and (best is None or state[1]["epoch"] > best[0]):
+            best = (int(state[1]["epoch"]), uri)
+    return best[1] if best else None
+
+
+def _newest_state(checkpoint, resume_from: str | None) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The later of Ray Train's checkpoint (a worker restart, or its snapshot on --resume) and the one
+    the driver found on storage."""
+    states = []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            states.append(load_state(d))
+    if resume_from:
+        found = read_checkpoint(resume_from)
+        if found is not None:
+            states.append(found)
+    return max(states, key=lambda s: s[1]["epoch"]) if states else None
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -298,10 +347,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- resume ----
     start, history, best_val, stale, best, resumes = 0, [], -math.inf, 0, None, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            tensors, meta = load_state(d)
+    state = _newest_state(ray.train.get_checkpoint(), cfg.resume_from)
+    if state is not None:
+        tensors, meta = state
         vae.load_state_dict(_prefixed(tensors, "model."))
         restore_optimizer(optimizer, tensors, meta)
         best = _prefixed(tensors, "best.") or None
@@ -350,10 +398,11 @@ def train_loop_per_worker(config: dict) -> None:
         # a small table's epoch makes several passes over the shard (min_epoch_steps); each pass is
         # joined on its own, so that no rank asks the streaming split for the next pass while another
         # still waits on it in a gradient all-reduce of this one
-        for p in range(tcfg.passes_per_epoch or 1):
+        passes = tcfg.passes_per_epoch or 1
+        for p in range(passes):
             with wrapped.join() if ddp else contextlib.nullcontext():
                 seed = shuffle_seed + p * 7
-                if cached:  # in memory, reshuffled every pass
+                if cached or train_cache.batch is not None:  # in memory, reshuffled every pass
                     batches = train_cache.minibatches(tcfg.batch_size, torch.Generator().manual_seed(seed))
                 elif p == 0:  # from the stream (read, split, encode), kept when it fits
                     train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
@@ -363,6 +412,11 @@ def train_loop_per_worker(config: dict) -> None:
                 for batch in batches:
                     bn, br, bk = train_step_sums(step_model, optimizer, batch, beta, tcfg.grad_clip)
                     n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
+            # the first pass kept every rank's shard: the epoch's other passes run from memory instead of
+            # reading, splitting and encoding it again (decided together, as below; the same on every rank)
+            first_of_many = p == 0 and passes > 1 and not cached and train_cache.batch is None
+            if first_of_many and _all_reduce([float(budget > 0 and train_cache.fits)])[0] == world:
+                train_cache.seal()
         train_seconds = time.perf_counter() - t0
         train_cpu = time.process_time() - c0  # this worker's CPU time (all its threads) for the epoch's steps
         invalid = train_cache.invalid
@@ -377,7 +431,8 @@ def train_loop_per_worker(config: dict) -> None:
              train_cpu, *[vsums[c] for c in names]]
         )  # fmt: skip
         if not cached and sums[8] == world:  # every rank holds its shards: the next epochs run in memory
-            train_cache.seal()
+            if train_cache.batch is None:
+                train_cache.seal()
             valid_cache.seal()
             cached = True
         elif not cached:

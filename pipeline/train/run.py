@@ -38,7 +38,7 @@ from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
 from pipeline.runtime import init_ray
 from pipeline.train.data import read_split_samples, split_datasets, statistics_pass
-from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state
+from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state, newest_checkpoint
 from schemas.feature_spec import FeatureSpec, load_spec
 
 log = logging.getLogger("vaepipe.train")
@@ -256,6 +256,7 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
         bf16=opts.bf16,
         threads=opts.cpus_per_worker,
         failure_hook=FailureHook.from_env(marker=storage.join(ckpt_dir, FAILURE_MARKER)).to_dict(),
+        resume_from=newest_checkpoint(storage.join(ckpt_dir, RUN_NAME)) if opts.resume else None,
     )
     resources = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker} if opts.gpus_per_worker else {})
     kwargs: dict[str, Any] = {"storage_path": ckpt_dir}
@@ -369,7 +370,9 @@ def run_training(opts: TrainOptions) -> TrainResult:
     out = train(opts, run_meta, data, spec, ckpt_dir)
     lap("train")
     history = out["meta"]["history"]
-    timings["epochs"] = sum(h.get("epoch_seconds", 0.0) for h in history)
+    resumes = out["meta"].get("resumed_at_epochs") or [0]
+    first = resumes[-1] if opts.resume else 0  # the epochs this invocation trained
+    timings["epochs"] = sum(h.get("epoch_seconds", 0.0) for h in history if h["epoch"] >= first)
     timings["train_start_and_end"] = timings["train"] - timings["epochs"]
     model_id = save(opts, run_meta, data, spec, out)
     lap("reference_baseline_save")
