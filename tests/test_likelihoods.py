@@ -50,6 +50,15 @@ def _count_twin(fam, raw, k):
     return stats.nbinom(n=r, p=r / (r + mu)).logpmf(k)
 
 
+def _count_lognormal_twin(fam, raw, k):
+    """scipy's normal CDF over the bin of log(1 + k) (standardised), the upper tail through sf."""
+    mean, log_var = (t.item() for t in fam.params(raw))
+    g = stats.norm(loc=mean, scale=math.exp(0.5 * log_var))
+    hi = (np.log1p(np.asarray(k) + 0.5) - fam.loc) / fam.scale
+    lo = np.where(np.asarray(k) == 0, -np.inf, (np.log1p(np.asarray(k) - 0.5) - fam.loc) / fam.scale)
+    return np.log(np.where(lo > mean, g.sf(lo) - g.sf(hi), g.cdf(hi) - g.cdf(lo)))
+
+
 def _binary_twin(fam, raw, y):
     return stats.bernoulli(special.expit(fam.params(raw).item())).logpmf(y)
 
@@ -71,7 +80,8 @@ def _ordinal_twin(fam, raw, k):
 REAL = Real("r", loc=3.0, scale=2.5)
 POS_ZEROS = Positive("p0", loc=1.2, scale=0.7, zero_fraction=0.6)
 POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)
-COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))
+COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))  # negative binomial (models before the default)
+COUNT_LN = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0), dist="lognormal")  # the default
 BINARY = Binary("b", ["no", "yes"])
 CAT = Categorical("k", ["a", "b", "c", "d"])  # out-of-vocabulary mass learned (models before Good-Turing)
 CAT_GT = Categorical("k", ["a", "b", "c", "d"], oov_mass=0.03)  # out-of-vocabulary mass from counts
@@ -89,6 +99,9 @@ CASES = [
     Case("count-mean4", COUNT, [0.0, 0.0], [0, 1, 4, 10, 40], _count_twin, "discrete"),
     Case("count-overdispersed", COUNT, [1.5, -2.0], [0, 3, 50, 500], _count_twin, "discrete"),
     Case("count-near-poisson", COUNT, [-1.0, 8.0], [0, 1, 2, 9], _count_twin, "discrete"),
+    Case("count-lognormal", COUNT_LN, [0.0, 0.0], [0, 1, 4, 10, 40, 300], _count_lognormal_twin, "discrete"),
+    Case("count-lognormal-tight", COUNT_LN, [0.9, -5.0], [0, 3, 5, 6, 7, 20], _count_lognormal_twin, "discrete"),
+    Case("count-lognormal-wide", COUNT_LN, [-0.5, 1.0], [0, 1, 100, 5000], _count_lognormal_twin, "discrete"),
     Case("binary-p", BINARY, [0.7], [0, 1], _binary_twin, "discrete"),
     Case("binary-extreme", BINARY, [-14.0], [0, 1], _binary_twin, "discrete"),
     Case("categorical", CAT, [0.5, -1.0, 2.0, 0.0, -3.0], [0, 1, 2, 3, 4], _categorical_twin, "discrete"),
@@ -220,6 +233,20 @@ def test_ordinal_numeric_levels_match_by_value():
     enc = fam.encode(pa.array([10.0, 2.0, 7.0]))
     assert enc.value[:2].tolist() == [3.0, 1.0]
     assert enc.invalid.tolist() == [None, None, "value is not an ordinal level"]
+
+
+def test_rare_zeros_get_no_point_mass():
+    """Zeros rarer than 1 in 1,000 of a positive column are errors: they score at the floor, charged to
+    the column; a column whose zeros are common keeps a point mass at its zero fraction."""
+    from pipeline.core.likelihoods.positive import MIN_ZERO_FRACTION
+
+    x = np.r_[np.zeros(3), np.random.default_rng(0).lognormal(0.0, 0.3, 9997)]
+    rare = Positive.from_stats("p", Positive.partial_stats(pa.array(x)))
+    assert MIN_ZERO_FRACTION > 3 / 10_000 and not rare.has_zeros
+    lp = rare.log_prob(torch.zeros(1, rare.n_params), torch.tensor([0.0], dtype=torch.float64)).item()
+    assert lp == pytest.approx(math.log(ZERO_FLOOR), rel=1e-9)
+    common = Positive.from_stats("p", Positive.partial_stats(pa.array(np.r_[np.zeros(30), x[3:]])))
+    assert common.has_zeros and common.zero_fraction == pytest.approx(30 / 10_027)
 
 
 def test_partial_stats_merge_equals_whole():
