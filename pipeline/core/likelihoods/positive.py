@@ -10,6 +10,13 @@ variables x -> log x -> v gives log p(x) = log(1 - pi) + log N(v; mu, sigma^2) -
 Where the training column had no zeros, pi is fixed at ``ZERO_FLOOR``: a zero at scoring time gets a
 very low, finite log-mass instead of -inf, and the density above 0 is scaled by (1 - ZERO_FLOOR) so
 the whole still integrates to 1.
+
+The same holds where zeros are rarer than ``MIN_ZERO_FRACTION`` (1 in 1,000) of the training values:
+in a column the spec declares positive, a zero that rare is a recording error (a measurement of 0 for
+something that cannot be 0), not a state of the data, and a point mass learned from a handful of them
+would let every such error, in training and after, pass for an ordinary record costing a few nats.
+They score at the floor instead, charged to their column; a column whose zeros are a real part of it
+(money amounts that are mostly 0, concentrations below detection) keeps its point mass.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pipeline.core.likelihoods.base import (
 from pipeline.core.likelihoods.real import MIN_VAR
 
 ZERO_FLOOR = 1e-12
+MIN_ZERO_FRACTION = 1e-3  # zeros rarer than this are errors: no point mass (see the module doc)
 
 
 class Positive(Family):
@@ -78,7 +86,8 @@ class Positive(Family):
     def from_stats(cls, name, stats, **options):
         loc, scale = loc_scale(stats["log"])
         n = stats["log"]["n"] + stats["zeros"]
-        return cls(name, loc, scale, stats["zeros"] / n if n else 0.0, **options)
+        fraction = stats["zeros"] / n if n else 0.0
+        return cls(name, loc, scale, fraction if fraction >= MIN_ZERO_FRACTION else 0.0, **options)
 
     def state(self):
         return {"loc": self.loc, "scale": self.scale, "zero_fraction": self.zero_fraction, "min_var": self.min_var}
