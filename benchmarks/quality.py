@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--tables adult,default_credit,wine,breast_cancer] [--quick] [--seed 0]
         [--max-train 12000] [--max-test 3000] [--variants "name:key=value,...;..."] [--threads 1]
+        [--peers independent,gmm,factor,iforest,ecod] [--no-vaepipe]
 
 ``--variants`` adds vaepipe arms with other VAEConfig / TrainConfig settings (e.g. ``nomask:train_mask=0``).
 
@@ -28,7 +29,8 @@ Methods (all fitted on the same training rows; validation rows for model size / 
 * ``independent``: the product's independent-columns baseline (pipeline/core/baseline.py), same families;
 * ``gmm``: scikit-learn GaussianMixture, full covariance, n_components chosen on validation log-likelihood;
 * ``factor``: scikit-learn FactorAnalysis, n_components chosen on validation log-likelihood;
-* ``iforest``: scikit-learn IsolationForest (AP only: it has no density).
+* ``iforest``: scikit-learn IsolationForest (AP only: it has no density);
+* ``ecod``: PyOD's ECOD (empirical cumulative distributions per column; AP only), where PyOD installs.
 
 How the scikit-learn peers handle mixed types (stated so the comparison is read right): continuous columns are
 modelled jointly by the Gaussian model on a transformed scale, with the exact Jacobian back to data units:
@@ -65,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.corruptions import KINDS, NotApplicable, average_precision, corrupt  # noqa: E402
 from pipeline.core.baseline import IndependentBaseline  # noqa: E402
 from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys  # noqa: E402
-from pipeline.core.model import VAE, VAEConfig  # noqa: E402
+from pipeline.core.model import VAE, VAEConfig, auto_latent_dim  # noqa: E402
 from pipeline.core.scoring import score_batch  # noqa: E402
 from pipeline.core.training import TrainConfig, fit  # noqa: E402
 from schemas.feature_spec import FeatureSpec  # noqa: E402
@@ -74,6 +76,7 @@ SHARED = ROOT.parent / "shared" / "data"
 TESTS = ROOT / "tests" / "data"
 HIVAE_TYPES = {"pos": "positive", "count": "count", "cat": "categorical", "real": "real", "ordinal": "ordinal"}
 TABLES = ("adult", "default_credit", "wine", "breast_cancer")
+PEERS = ("independent", "gmm", "factor", "iforest", "ecod")
 
 
 # ---- tables ---------------------------------------------------------------------------------------
@@ -287,6 +290,18 @@ def iforest_matrix(peer: MixedPeer, table: pa.Table, medians=None):
     return np.hstack([z, extra]), medians
 
 
+def fit_ecod(peer: MixedPeer, train: pa.Table):
+    """PyOD's ECOD (empirical-CDF outlier scores; AP only) on the IsolationForest matrix, where PyOD installs."""
+    try:
+        from pyod.models.ecod import ECOD
+    except ImportError:
+        print("ecod: PyOD is not installed (pip install pyod); left out")
+        return None
+    xm, med = iforest_matrix(peer, train)
+    model = ECOD().fit(xm)
+    return lambda tb: model.decision_function(iforest_matrix(peer, tb, med)[0])
+
+
 # ---- vaepipe ---------------------------------------------------------------------------------------
 @dataclass
 class VaepipeArm:
@@ -310,7 +325,7 @@ def fit_vaepipe(spec, train, valid, args, overrides: dict | None = None) -> Vaep
     families = fit_families(spec, partial_stats(spec, train))
     codec = TableCodec(spec, families)
     torch.manual_seed(args.seed)
-    mcfg, cfg = VAEConfig(), TrainConfig(seed=args.seed)
+    mcfg, cfg = VAEConfig(latent_dim=auto_latent_dim(len(spec.features))), TrainConfig(seed=args.seed)
     if args.epochs:
         cfg.epochs = args.epochs
     for k, v in (overrides or {}).items():
@@ -347,46 +362,56 @@ def run_table(name: str, args) -> dict:
     ll: dict = {}
     timing: dict = {}
 
-    for label, overrides in {"vaepipe": {}, **parse_variants(args.variants)}.items():
+    arms = ({} if args.no_vaepipe else {"vaepipe": {}}) | parse_variants(args.variants)
+    for label, overrides in arms.items():
         t = time.perf_counter()
         arm = fit_vaepipe(spec, train, valid, args, overrides)
         scorers[label] = lambda tb, arm=arm: -arm.log_marginal(tb)
         timing[label] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    fams = fit_families(spec, partial_stats(spec, train))
-    codec = TableCodec(spec, fams)
-    base = IndependentBaseline(fams).fit(codec.encode(train))
+    peers = set(args.peers.split(",")) if args.peers else set(PEERS)
+    k_gmm = k_fa = None
+    if "independent" in peers:
+        t = time.perf_counter()
+        fams = fit_families(spec, partial_stats(spec, train))
+        codec = TableCodec(spec, fams)
+        base = IndependentBaseline(fams).fit(codec.encode(train))
 
-    def base_score(tb):
-        with torch.no_grad():
-            return -base.log_likelihood(codec.encode(tb)).numpy()
+        def base_score(tb):
+            with torch.no_grad():
+                return -base.log_likelihood(codec.encode(tb)).numpy()
 
-    scorers["independent"] = base_score
-    timing["independent"] = time.perf_counter() - t
+        scorers["independent"] = base_score
+        timing["independent"] = time.perf_counter() - t
 
     peer = MixedPeer(spec, train, np.random.default_rng(args.seed))
-    sizes = (1, 2, 4, 8, 16, 32) if not args.quick else (1, 4, 16)
-    t = time.perf_counter()
-    gmm, k_gmm = fit_gmm(peer, train, valid, sizes, args.seed)
-    scorers["gmm"] = lambda tb: -peer.log_likelihood(tb, gmm)
-    timing["gmm"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fa, k_fa = fit_factor(peer, train, valid, (1, 2, 4, 8, 16) if not args.quick else (2, 4, 8), args.seed)
-    scorers["factor"] = lambda tb: -peer.log_likelihood(tb, fa)
-    timing["factor"] = time.perf_counter() - t
+    if "gmm" in peers:
+        sizes = (1, 2, 4, 8, 16, 32) if not args.quick else (1, 4, 16)
+        t = time.perf_counter()
+        gmm, k_gmm = fit_gmm(peer, train, valid, sizes, args.seed)
+        scorers["gmm"] = lambda tb: -peer.log_likelihood(tb, gmm)
+        timing["gmm"] = time.perf_counter() - t
+    if "factor" in peers:
+        t = time.perf_counter()
+        fa, k_fa = fit_factor(peer, train, valid, (1, 2, 4, 8, 16) if not args.quick else (2, 4, 8), args.seed)
+        scorers["factor"] = lambda tb: -peer.log_likelihood(tb, fa)
+        timing["factor"] = time.perf_counter() - t
+    if "iforest" in peers:
+        from sklearn.ensemble import IsolationForest
 
-    from sklearn.ensemble import IsolationForest
-
-    t = time.perf_counter()
-    xm, med = iforest_matrix(peer, train)
-    iso = IsolationForest(n_estimators=200, random_state=args.seed).fit(xm)
-    scorers["iforest"] = lambda tb: -iso.score_samples(iforest_matrix(peer, tb, med)[0])
-    timing["iforest"] = time.perf_counter() - t
+        t = time.perf_counter()
+        xm, med = iforest_matrix(peer, train)
+        iso = IsolationForest(n_estimators=200, random_state=args.seed).fit(xm)
+        scorers["iforest"] = lambda tb: -iso.score_samples(iforest_matrix(peer, tb, med)[0])
+        timing["iforest"] = time.perf_counter() - t
+    if "ecod" in peers:
+        ecod = fit_ecod(peer, train)
+        if ecod is not None:
+            scorers["ecod"] = ecod
 
     clean = {m: f(test) for m, f in scorers.items()}
     for m in scorers:
-        if m != "iforest":
+        if m not in ("iforest", "ecod"):
             ll[m] = float(-clean[m].mean())
 
     n_pos = max(1, round(0.01 * test.num_rows))
@@ -448,6 +473,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for these small networks)")
     p.add_argument("--variants", default="", help="extra vaepipe arms, 'name:key=value,...;name2:...' setting "
                    "VAEConfig or TrainConfig fields (e.g. 'unbounded:var_modulation=0')")
+    p.add_argument("--peers", default="", help=f"peers to fit beside vaepipe (default all: {','.join(PEERS)})")
+    p.add_argument("--no-vaepipe", action="store_true", help="leave out the default vaepipe arm (variants only)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from threadpoolctl import threadpool_limits
