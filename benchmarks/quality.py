@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.corruptions import KINDS, NotApplicable, average_precision, corrupt  # noqa: E402
 from pipeline.core.baseline import IndependentBaseline  # noqa: E402
 from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys  # noqa: E402
-from pipeline.core.model import VAE, VAEConfig, auto_latent_dim  # noqa: E402
+from pipeline.core.model import VAE, VAEConfig, auto_hidden, auto_latent_dim  # noqa: E402
 from pipeline.core.scoring import score_batch  # noqa: E402
 from pipeline.core.training import TrainConfig, fit  # noqa: E402
 from schemas.feature_spec import FeatureSpec  # noqa: E402
@@ -325,7 +325,8 @@ def fit_vaepipe(spec, train, valid, args, overrides: dict | None = None) -> Vaep
     families = fit_families(spec, partial_stats(spec, train))
     codec = TableCodec(spec, families)
     torch.manual_seed(args.seed)
-    mcfg, cfg = VAEConfig(latent_dim=auto_latent_dim(len(spec.features))), TrainConfig(seed=args.seed)
+    mcfg = VAEConfig(latent_dim=auto_latent_dim(len(spec.features)), hidden=auto_hidden(train.num_rows))
+    cfg = TrainConfig(seed=args.seed)
     if args.epochs:
         cfg.epochs = args.epochs
     for k, v in (overrides or {}).items():
@@ -333,7 +334,12 @@ def fit_vaepipe(spec, train, valid, args, overrides: dict | None = None) -> Vaep
         if not hasattr(target, k):
             raise SystemExit(f"unknown variant setting {k!r}")
         old = getattr(target, k)
-        new = v.lower() in ("1", "true") if isinstance(old, bool) else type(old)(v) if old is not None else int(v)
+        if isinstance(old, bool):
+            new = v.lower() in ("1", "true")
+        elif isinstance(old, tuple):  # hidden=64x64
+            new = tuple(int(w) for w in v.split("x"))
+        else:
+            new = type(old)(v) if old is not None else int(v)
         setattr(target, k, new)
     model = VAE(families, mcfg)
     fit(model, codec.encode(train), cfg, codec.encode(valid))

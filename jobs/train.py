@@ -31,8 +31,14 @@ def build_parser():
         "--max-failures", type=int, default=d.max_failures, help="worker failures to recover from (-1: no limit)"
     )
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--latent-dim", type=int, default=d.latent_dim, help="dimension of z")
-    g.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="MLP widths")
+    g.add_argument(
+        "--latent-dim", type=int, default=d.latent_dim,
+        help="dimension of z (default: half the number of features, between 8 and 32)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hidden", type=int, nargs="+", default=d.hidden,
+        help="MLP widths (default: 128 128, or 64 64 for fewer than 2,000 training rows)",
+    )  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="records per step per worker")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")

@@ -150,6 +150,11 @@ RAY_NOISE = (
     r"^\s*self\.exclude_resources = exclude_resources",
     r"Starting execution of Dataset|Execution plan of Dataset|execution finished in [\d.]+ seconds",
     r"Registered dataset logger for dataset",
+    # a worker's Ray Data (the split coordinator of training) says its bars are off: the job draws its own
+    r"Progress bars disabled\. To enable, set",
+    # Ray Train's placement-group monitor polls the State API, which a local instance without the
+    # dashboard does not serve: it says so every few seconds for the whole run
+    r"Failed to query Ray Train Controller actor state",
 )
 # What the workers of a local instance need to print each line once: Ray Train's print patch both
 # logs and tees a worker's print, which shows every progress line twice.

@@ -22,15 +22,23 @@ Beside each MLP runs a linear path (``linear_skip``): x -> q(z|x) and z -> the d
 linear-Gaussian model (factor analysis, probabilistic PCA) is the network with its MLPs at zero, and
 tight linear relations between columns are learned in few steps.
 
-Training hides observed features from the encoder at random (``train_mask``: each record draws a rate
-r ~ U(0, train_mask) and hides each observed feature with probability r) while the reconstruction term
-still counts every observed feature, so q(z | any subset of the features) is a trained posterior: what the
-per-column conditional scores and records with missing values rely on.
+Training also teaches the encoder records with features hidden (``train_mask``: each record draws a rate
+r ~ U(0, train_mask) and hides each observed feature with probability r): a second ELBO, of the shown
+features only, through a frozen decoder. The encoder so learns q(z | x_S) for any subset S of the
+features, the proposal the per-column conditional scores need, while the decoder learns from whole
+records alone. (Hiding features in the one pass that also trains the decoder, with every feature
+reconstructed, made the decoder learn wider variances for every column: on the quality benchmark's
+tables 0.3 to 0.5 nats per record of held-out log-likelihood lost, and gross errors hidden -- adult's unit
+errors at average precision 0.17 instead of 0.59.)
+
+The table chooses two sizes when the options leave them open: the latent dimension (half the features,
+8 to 32: :func:`auto_latent_dim`) and the widths (:func:`auto_hidden`: narrower for a few hundred rows).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +53,21 @@ from pipeline.core.likelihoods.base import LOG_2PI
 SPREAD_GAIN = 10.0
 
 
+def auto_latent_dim(n_features: int) -> int:
+    """The latent dimension chosen from the table: half the features, at least 8 and at most 32 (a wide
+    table of related measurements needs more factors than 8; a narrow one gains nothing from more)."""
+    return int(min(32, max(8, math.ceil(n_features / 2))))
+
+
+SMALL_TABLE_ROWS = 2000  # fewer training rows than this: narrower networks (they generalise better)
+
+
+def auto_hidden(train_rows: int) -> tuple[int, ...]:
+    """The MLP widths chosen from the table: 128-128, or 64-64 below SMALL_TABLE_ROWS training rows (on a
+    table of a few hundred records the wider networks fit the training rows at the held-out ones' cost)."""
+    return (64, 64) if train_rows < SMALL_TABLE_ROWS else (128, 128)
+
+
 @dataclass
 class VAEConfig:
     latent_dim: int = 8  # dimension of z
@@ -52,7 +75,7 @@ class VAEConfig:
     min_log_var: float = -12.0  # bounds on the encoder's log-variance: q(z|x) never degenerates
     max_log_var: float = 6.0
     var_modulation: float = 1.5  # a record's decoder log-variance stays within +-this of its column's (0: unbounded)
-    train_mask: float = 0.2  # largest rate at which observed features are hidden from the encoder in training
+    train_mask: float = 0.2  # largest rate of features hidden from the encoder in its masked pass (0: none)
     linear_skip: bool = True  # a linear path beside each MLP (x -> q(z|x), z -> heads): factor analysis is nested
 
     def to_dict(self) -> dict:
@@ -126,18 +149,27 @@ class VAE(nn.Module):
         return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
 
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
-    def generative(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """z [..., N, D] -> one raw parameter tensor [..., N, n_params] per feature."""
-        out = self.heads(self.decoder(z))
+    def generative(self, z: torch.Tensor, frozen: bool = False) -> list[torch.Tensor]:
+        """z [..., N, D] -> one raw parameter tensor [..., N, n_params] per feature. ``frozen``: the
+        decoder's parameters are constants (gradients reach z, and through it the encoder, only)."""
+
+        def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if not frozen:
+                return module(x)
+            params = {k: v.detach() for k, v in module.named_parameters()}
+            return torch.func.functional_call(module, params, (x,))
+
+        out = run(self.heads, run(self.decoder, z))
         if self.config.linear_skip:
-            out = out + self.head_skip(z)
+            out = out + run(self.head_skip, z)
         raw = list(out.split(self._splits, dim=-1))
         if self.config.var_modulation > 0:
             m = self.config.var_modulation
             for i, j in enumerate(self._spread):
                 k = self.families[j].spread_index
                 r = raw[j]
-                spread = SPREAD_GAIN * self.spread_base[i] + m * torch.tanh(r[..., k : k + 1])
+                base = self.spread_base[i].detach() if frozen else self.spread_base[i]
+                spread = SPREAD_GAIN * base + m * torch.tanh(r[..., k : k + 1])
                 raw[j] = torch.cat([r[..., :k], spread, r[..., k + 1 :]], dim=-1)
         return raw
 
@@ -149,16 +181,24 @@ class VAE(nn.Module):
 
     # ---- loss -----------------------------------------------------------------------------------
     def loss(self, batch: EncodedBatch, kl_weight: float = 1.0) -> LossOutput:
-        seen = batch.observed
-        if self.training and self.config.train_mask > 0:
-            rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
-            seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
-        mean, log_var = self.inference(batch.values, seen)
+        """The negative ELBO of the batch; in training with ``train_mask`` > 0, plus the negative ELBO of
+        the records with features hidden at random, of the shown features only, through a frozen
+        decoder: the encoder learns q(z | x_S) ~ p(z | x_S) for any subset S (the proposal of the
+        conditional scores) while the decoder learns from whole records alone."""
+        mean, log_var = self.inference(batch.values, batch.observed)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         col = self.column_log_prob(self.generative(z), batch.values, batch.observed)
         recon = col.sum(-1)
         kl = kl_standard_normal(mean, log_var)
         loss = -(recon - kl_weight * kl).mean()
+        if self.training and self.config.train_mask > 0:
+            seen = batch.observed
+            rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
+            seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
+            m_mean, m_log_var = self.inference(batch.values, seen)
+            zm = m_mean + torch.exp(0.5 * m_log_var) * torch.randn_like(m_mean)
+            m_recon = self.column_log_prob(self.generative(zm, frozen=True), batch.values, seen).sum(-1)
+            loss = loss - (m_recon - kl_weight * kl_standard_normal(m_mean, m_log_var)).mean()
         return LossOutput(loss, recon.detach(), kl.detach(), col.detach())
 
 

@@ -14,8 +14,9 @@ s < S and the importance-weighted sum when s < K, through a single decoder pass.
 
 * ``column_conditional_log_density`` (optional, ``conditional_samples`` = C > 0): for each observed
   feature j, an estimate of log p(x_j | x_-j), the feature given all the others. The record is encoded
-  with j hidden, giving q_j(z) = q(z | x_-j) (training hides features at random, so q_j is a trained
-  posterior); with C samples z_c from q_j and weights w_c = p(x_-j | z_c) p(z_c) / q_j(z_c),
+  with j hidden, giving q_j(z) = q(z | x_-j) (training's masked pass teaches the encoder records with
+  features hidden, so q_j is a trained posterior); with C samples z_c from q_j and weights
+  w_c = p(x_-j | z_c) p(z_c) / q_j(z_c),
 
       log p(x_j | x_-j) ~= log sum_c w_c p(x_j | z_c) - log sum_c w_c,
 

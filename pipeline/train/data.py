@@ -3,7 +3,8 @@
 * :func:`is_validation` -- a record is in the validation set when a hash of its id columns falls
   below ``val_fraction``: the same record is always on the same side, whatever the file layout,
   batch size, worker count or seed;
-* :func:`split_datasets` -- the train and validation Ray Datasets (lazy, streaming);
+* :func:`split_datasets` -- the train and validation Ray Datasets (in the object store for inputs the driver
+  can hold, else lazy and streaming);
 * :func:`statistics_pass` -- the preprocessing statistics over every input row, each file read once
   with the spec's columns only: on the driver for small inputs, else one mergeable partial per file
   (or share of its row groups) from Ray tasks, merged on the driver as they finish: the driver holds
@@ -53,13 +54,44 @@ class _SplitFilter:
         return table.filter(pa.array(mask if self.validation else ~mask))
 
 
-def split_datasets(data: InputData, spec: FeatureSpec, val_fraction: float):
-    """(train, validation) Ray Datasets over the spec's columns."""
+def split_datasets(data: InputData, spec: FeatureSpec, val_fraction: float, blocks: int = 8):
+    """(train, validation) Ray Datasets over the spec's columns.
+
+    Up to ``LOCAL_STATS_ROWS`` input rows the driver reads the files once (the spec's columns only),
+    splits them and puts each side in the object store as ``blocks`` blocks: the epochs then stream from
+    memory, and no epoch starts Ray Data's Parquet listing tasks and footer-reading actors again
+    (processes that cost a small table's epoch many times its training steps). Larger inputs are
+    read lazily by Ray Data, a streaming pass per epoch."""
+    if data.rows <= LOCAL_STATS_ROWS:
+        return _split_on_the_driver(data, spec, val_fraction, blocks)
     ds = read_dataset(data, spec)
     ids = list(spec.id_columns)
     train = ds.map_batches(_SplitFilter(ids, val_fraction, False), batch_format="pyarrow", zero_copy_batch=True)
     valid = ds.map_batches(_SplitFilter(ids, val_fraction, True), batch_format="pyarrow", zero_copy_batch=True)
     return train, valid
+
+
+def _split_on_the_driver(data: InputData, spec: FeatureSpec, val_fraction: float, blocks: int):
+    import pyarrow.parquet as pq
+    import ray.data
+
+    fs, sides = data.filesystem(), {False: [], True: []}
+    for f in data.files:
+        try:
+            with fs.open_input_file(f.path) as handle:
+                table = pq.read_table(handle, columns=spec.columns)
+        except Exception as e:  # a page that the footer check could not see: name the file
+            raise InputDataError(f"cannot read the input data ({root_message(e)})", file=f.uri) from e
+        mask = is_validation(table, spec.id_columns, val_fraction)
+        sides[True].append(table.filter(pa.array(mask)))
+        sides[False].append(table.filter(pa.array(~mask)))
+
+    def dataset(parts: list[pa.Table]):
+        whole = pa.concat_tables(parts, promote_options="permissive").combine_chunks()
+        step = max(1, -(-whole.num_rows // max(1, blocks)))
+        return ray.data.from_arrow([whole.slice(i, step) for i in range(0, max(whole.num_rows, 1), step)])
+
+    return dataset(sides[False]), dataset(sides[True])
 
 
 def read_split_samples(data: InputData, spec: FeatureSpec, val_fraction: float, val_limit: int, train_limit: int):

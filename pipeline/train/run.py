@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.core.artifact import publish_model
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
-from pipeline.core.model import VAE, VAEConfig
+from pipeline.core.model import VAE, VAEConfig, auto_hidden, auto_latent_dim
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import TrainConfig, passes_per_epoch
@@ -68,8 +68,8 @@ class TrainOptions:
     gpus_per_worker: int = 0
     bf16: bool = False
     max_failures: int = 2
-    latent_dim: int = _M.latent_dim
-    hidden: list[int] = field(default_factory=lambda: list(_M.hidden))
+    latent_dim: int | None = None  # None: auto_latent_dim(number of features)
+    hidden: list[int] | None = None  # None: auto_hidden(training rows)
     epochs: int = _T.epochs
     batch_size: int = _T.batch_size
     lr: float = _T.lr
@@ -103,6 +103,8 @@ class TrainOptions:
         """The checks on the values alone (no paths): what the in-process API applies too."""
         positive = ("workers", "cpus_per_worker", "latent_dim", "epochs", "batch_size", "reference_rows", "mc_samples")
         for name in positive:
+            if name == "latent_dim" and self.latent_dim is None:  # chosen from the table
+                continue
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows")
@@ -111,7 +113,7 @@ class TrainOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError("--val-fraction must be between 0 and 1 (exclusive)")
-        if any(h < 1 for h in self.hidden):
+        if self.hidden is not None and (not self.hidden or any(h < 1 for h in self.hidden)):
             raise UsageError("--hidden widths must be at least 1")
         if self.bf16 and self.gpus_per_worker == 0:
             raise UsageError("--bf16 needs GPU workers (--gpus-per-worker > 0)")
@@ -174,7 +176,10 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
         "spec": spec.to_dict(),
         "statistics": ds.stats,
         "families": families_to_json(families),
-        "model_config": VAEConfig(latent_dim=opts.latent_dim, hidden=tuple(opts.hidden)).to_dict(),
+        "model_config": VAEConfig(
+            latent_dim=opts.latent_dim or auto_latent_dim(len(spec.features)),
+            hidden=tuple(opts.hidden) if opts.hidden else auto_hidden(ds.train_rows),
+        ).to_dict(),
         "train_config": asdict(train),
         "val_fraction": opts.val_fraction,
         "shuffle_buffer": opts.shuffle_buffer,
@@ -244,7 +249,7 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
 
     from pipeline.train.loop import train_loop_per_worker
 
-    train_ds, valid_ds = split_datasets(data, spec, run["val_fraction"])
+    train_ds, valid_ds = split_datasets(data, spec, run["val_fraction"], blocks=4 * opts.workers)
     loop = LoopConfig(
         spec=run["spec"],
         families=run["families"],
