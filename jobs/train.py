@@ -33,7 +33,7 @@ def build_parser():
     g = p.add_argument_group("model and optimisation")
     g.add_argument(
         "--latent-dim", type=int, default=d.latent_dim,
-        help="dimension of z (default: half the number of features, between 8 and 32)",
+        help="dimension of z (default: two thirds of the number of features, between 8 and 32)",
     )  # fmt: skip
     g.add_argument(
         "--hidden", type=int, nargs="+", default=d.hidden,
