@@ -230,7 +230,7 @@ def train_defaults() -> dict[str, Any]:
         if f.name in _RAY_ONLY:
             continue
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if default is not MISSING and default is not None:
+        if default is not MISSING:  # None: chosen from the data (latent_dim, hidden)
             out[f.name] = list(default) if isinstance(default, list | tuple) else default
     return out
 
