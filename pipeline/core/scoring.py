@@ -161,7 +161,7 @@ def conditional_log_density(model: VAE, batch: EncodedBatch, samples: int = DEFA
             continue
         hidden = observed.clone()
         hidden[:, j] = False
-        mean, log_var = model.inference(values, hidden)
+        mean, log_var = model.inference(values, hidden, masked=True)
         std = torch.exp(0.5 * log_var)
         log_det = 0.5 * log_var.double().sum(-1)
         lse_all = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
