@@ -186,7 +186,7 @@ def test_conditional_scores_match_a_direct_computation(relation_model):
         for j in range(len(spec.feature_names)):
             hidden = batch.observed.clone()
             hidden[:, j] = False
-            mean, log_var = model.inference(batch.values, hidden)
+            mean, log_var = model.inference(batch.values, hidden, masked=True)  # the masked pass's encoder
             q = Normal(mean.double(), torch.exp(0.5 * log_var.double()))
             eps = torch.from_numpy(record_noise(batch.keys, 5 + (j + 1) * _COLUMN_STREAM, 0, 8, model.latent_dim))
             lw_rest, lw_all = [], []
@@ -209,7 +209,9 @@ def test_conditional_scores_do_not_depend_on_the_batch(relation_model):
     whole = conditional_log_density(model, batch, samples=6, seed=2)
     parts = np.concatenate([conditional_log_density(model, batch.select(np.arange(i, i + 7)[np.arange(i, i + 7) < 60]),
                                                     samples=6, seed=2) for i in range(0, 60, 7)])
-    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
+    # the same noise and the same record: only float32 rounding of the networks differs with the batch's
+    # shape (as in the direct computation above: ~1e-6 on a difference of two log-sums)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=2e-5)
 
 
 # ---- tail probability ----------------------------------------------------------------------------
