@@ -109,7 +109,7 @@ def test_check_passes_like_data_and_exits_4_on_drift(runs, adult_model, capsys):
 
     assert check.main([*base, "--run-date", "2026-01-02", "--summary-json", str(root / "bad.json")]) == 4
     err = capsys.readouterr().err
-    assert "drift: KS distance to the reference log_marginal" in err
+    assert err.startswith("error: drift: ") and "KS distance to the reference log_marginal is" in err
     bad = json.loads((root / "bad.json").read_text())
     assert bad["status"] == "failed" and bad["exit_code"] == 4 and bad["error"].startswith("drift:")
     assert bad["check"]["ks"] > 0.1 and bad["check"]["share_below_q1%"] > ok["check"]["share_below_q1%"]
