@@ -281,3 +281,29 @@ def test_training_on_s3(adult, spec_file, s3, ray_local, tmp_path):
     assert not storage.exists(f"{model_dir}/_checkpoints")
     scores = score_batch(art.model, art.codec.encode(adult.slice(0, 50)), 2, 0)
     assert np.isfinite(scores.elbo).all()
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    """--resume's own look at storage: the latest epoch whose two files read back whole; a checkpoint a
+    killed process left half-written (truncated weights, or no state.json yet) is passed over."""
+    from safetensors.torch import save_file
+
+    from pipeline.train.loop import STATE_META, STATE_WEIGHTS, newest_checkpoint, read_checkpoint
+
+    run = tmp_path / "train"
+    for name, epoch, damage in (("checkpoint_a", 0, None), ("checkpoint_b", 1, None),
+                                ("checkpoint_c", 2, "truncated"), ("checkpoint_d", 3, "no-meta")):  # fmt: skip
+        d = run / name
+        d.mkdir(parents=True)
+        save_file({"model.w": torch.full((64,), float(epoch))}, str(d / STATE_WEIGHTS))
+        if damage == "truncated":
+            blob = (d / STATE_WEIGHTS).read_bytes()
+            (d / STATE_WEIGHTS).write_bytes(blob[: len(blob) // 2])
+        if damage != "no-meta":
+            (d / STATE_META).write_text(json.dumps({"epoch": epoch}))
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own files are not checkpoints
+    best = newest_checkpoint(str(run))
+    assert best == str(run / "checkpoint_b")
+    tensors, meta = read_checkpoint(best)
+    assert meta["epoch"] == 1 and float(tensors["model.w"][0]) == 1.0
+    assert newest_checkpoint(str(tmp_path / "absent")) is None

@@ -253,3 +253,28 @@ def test_artifact_roundtrip_scores_identically(wine, tmp_path):
     (tmp_path / "m" / "model.json").write_text(meta)
     with pytest.raises(Exception, match="model_id"):
         load_model(str(tmp_path / "m"))
+
+
+# ---- the masked pass -------------------------------------------------------------------------------
+def test_masked_pass_trains_its_own_encoder_and_leaves_the_decoder_to_whole_records():
+    """The masked pass's ELBO reaches the mask encoder only: through the frozen decoder no gradient
+    reaches a decoder parameter, and the main encoder gets none from it."""
+    spec, table = _mixed_table()
+    families = fit_families(spec, partial_stats(spec, table))
+    torch.manual_seed(0)
+    model = VAE(families, VAEConfig(latent_dim=3, hidden=(32,), train_mask=0.5))
+    batch = TableCodec(spec, families).encode(table)
+    assert model.has_mask_encoder
+    seen = batch.observed & (torch.rand(batch.observed.shape) > 0.5)
+    mean, log_var = model.inference(batch.values, seen, masked=True)
+    z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+    model.column_log_prob(model.generative(z, frozen=True), batch.values, seen).sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    decoder = [k for k in grads if k.startswith(("decoder.", "heads.", "head_skip.", "spread_base"))]
+    main = [k for k in grads if k.startswith(("encoder.", "q_head.", "q_skip."))]
+    assert decoder and all(grads[k] is None for k in decoder + main)
+    assert all(grads[k] is not None and grads[k].abs().sum() > 0 for k in grads if k.startswith("mask_"))
+    # the frozen decoder computes what the trained one does
+    torch.testing.assert_close(
+        torch.cat(model.generative(z.detach(), frozen=True), -1), torch.cat(model.generative(z.detach()), -1)
+    )
