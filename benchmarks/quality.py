@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.corruptions import KINDS, NotApplicable, average_precision, corrupt  # noqa: E402
 from pipeline.core.baseline import IndependentBaseline  # noqa: E402
 from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys  # noqa: E402
-from pipeline.core.model import VAE, VAEConfig, auto_hidden, auto_latent_dim  # noqa: E402
+from pipeline.core.model import VAE, sized_config  # noqa: E402
 from pipeline.core.scoring import score_batch  # noqa: E402
 from pipeline.core.training import TrainConfig, fit  # noqa: E402
 from schemas.feature_spec import FeatureSpec  # noqa: E402
@@ -325,7 +325,7 @@ def fit_vaepipe(spec, train, valid, args, overrides: dict | None = None) -> Vaep
     families = fit_families(spec, partial_stats(spec, train))
     codec = TableCodec(spec, families)
     torch.manual_seed(args.seed)
-    mcfg = VAEConfig(latent_dim=auto_latent_dim(len(spec.features)), hidden=auto_hidden(train.num_rows))
+    mcfg = sized_config(len(spec.features), train.num_rows)
     cfg = TrainConfig(seed=args.seed)
     if args.epochs:
         cfg.epochs = args.epochs
@@ -411,9 +411,11 @@ def run_table(name: str, args) -> dict:
         scorers["iforest"] = lambda tb: -iso.score_samples(iforest_matrix(peer, tb, med)[0])
         timing["iforest"] = time.perf_counter() - t
     if "ecod" in peers:
+        t = time.perf_counter()
         ecod = fit_ecod(peer, train)
         if ecod is not None:
             scorers["ecod"] = ecod
+            timing["ecod"] = time.perf_counter() - t
 
     clean = {m: f(test) for m, f in scorers.items()}
     for m in scorers:

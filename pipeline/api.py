@@ -49,7 +49,7 @@ import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model, new_artifact, write_artifact
 from pipeline.core.codec import EncodedBatch, TableCodec, fit_families, merge_stats, partial_stats
-from pipeline.core.model import VAE, VAEConfig, auto_hidden, auto_latent_dim
+from pipeline.core.model import VAE, sized_config
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import evaluate, kl_weight, make_optimizer, train_step
@@ -315,10 +315,7 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
     from pipeline.train.run import train_config
 
     tcfg = train_config(opts, train_table.num_rows)
-    mcfg = VAEConfig(
-        latent_dim=opts.latent_dim or auto_latent_dim(len(spec.features)),
-        hidden=tuple(opts.hidden) if opts.hidden else auto_hidden(train_table.num_rows),
-    )
+    mcfg = sized_config(len(spec.features), train_table.num_rows, opts.latent_dim, opts.hidden)
 
     # ---- train: the job's worker loop with one worker, the whole table shuffled each epoch ----
     torch.manual_seed(tcfg.seed)

@@ -72,6 +72,16 @@ def auto_hidden(train_rows: int) -> tuple[int, ...]:
     return (64, 64) if train_rows < SMALL_TABLE_ROWS else (128, 128)
 
 
+def sized_config(
+    n_features: int, train_rows: int, latent_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None
+) -> VAEConfig:
+    """The default configuration with the sizes the options give, or those chosen from the table."""
+    return VAEConfig(
+        latent_dim=latent_dim or auto_latent_dim(n_features),
+        hidden=tuple(hidden) if hidden else auto_hidden(train_rows),
+    )
+
+
 @dataclass
 class VAEConfig:
     latent_dim: int = 8  # dimension of z
@@ -162,14 +172,10 @@ class VAE(nn.Module):
         """-> (mean, log-variance) of q(z|x), each [N, D]. ``masked``: q(z | x_S) of the masked pass's
         encoder (the conditional scores' proposal), where the model has one; else the main encoder."""
         x = self.encoder_input(values, observed).to(self.q_head.weight.dtype)
-        if masked and self.has_mask_encoder:
-            out = self.mask_q_head(self.mask_encoder(x))
-            if self.config.linear_skip:
-                out = out + self.mask_q_skip(x)
-        else:
-            out = self.q_head(self.encoder(x))
-            if self.config.linear_skip:
-                out = out + self.q_skip(x)
+        prefix = "mask_" if masked and self.has_mask_encoder else ""
+        out = getattr(self, f"{prefix}q_head")(getattr(self, f"{prefix}encoder")(x))
+        if self.config.linear_skip:
+            out = out + getattr(self, f"{prefix}q_skip")(x)
         mean, log_var = out.chunk(2, dim=-1)
         return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
 

@@ -297,8 +297,15 @@ class ShardCache:
     def fits(self) -> bool:
         return self.parts is not None
 
+    @property
+    def sealed(self) -> bool:
+        return self.batch is not None
+
     def seal(self) -> None:
-        """The pass is complete: one contiguous batch, rows in key order (independent of arrival order)."""
+        """The pass is complete: one contiguous batch, rows in key order (independent of arrival order).
+        Sealing again keeps the batch."""
+        if self.sealed:
+            return
         parts = self.parts or []
         if not parts:
             self.batch = EncodedBatch(torch.empty(0, 0, dtype=torch.float64), torch.empty(0, 0, dtype=torch.bool),
@@ -402,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
         for p in range(passes):
             with wrapped.join() if ddp else contextlib.nullcontext():
                 seed = shuffle_seed + p * 7
-                if cached or train_cache.batch is not None:  # in memory, reshuffled every pass
+                if cached or train_cache.sealed:  # in memory, reshuffled every pass
                     batches = train_cache.minibatches(tcfg.batch_size, torch.Generator().manual_seed(seed))
                 elif p == 0:  # from the stream (read, split, encode), kept when it fits
                     train_cache, valid_cache = ShardCache(budget), ShardCache(budget)
@@ -414,7 +421,7 @@ def train_loop_per_worker(config: dict) -> None:
                     n, recon, kl = n + bn, recon + br.double(), kl + bk.double()
             # the first pass kept every rank's shard: the epoch's other passes run from memory instead of
             # reading, splitting and encoding it again (decided together, as below; the same on every rank)
-            first_of_many = p == 0 and passes > 1 and not cached and train_cache.batch is None
+            first_of_many = p == 0 and passes > 1 and not cached and not train_cache.sealed
             if first_of_many and _all_reduce([float(budget > 0 and train_cache.fits)])[0] == world:
                 train_cache.seal()
         train_seconds = time.perf_counter() - t0
@@ -431,8 +438,7 @@ def train_loop_per_worker(config: dict) -> None:
              train_cpu, *[vsums[c] for c in names]]
         )  # fmt: skip
         if not cached and sums[8] == world:  # every rank holds its shards: the next epochs run in memory
-            if train_cache.batch is None:
-                train_cache.seal()
+            train_cache.seal()  # a no-op where the epoch's first pass sealed it
             valid_cache.seal()
             cached = True
         elif not cached:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.core.artifact import publish_model
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
-from pipeline.core.model import VAE, VAEConfig, auto_hidden, auto_latent_dim
+from pipeline.core.model import VAE, VAEConfig, sized_config
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import TrainConfig, passes_per_epoch
@@ -49,7 +49,7 @@ RUN_META = "run.json"
 RUN_NAME = "train"  # the Ray Train run inside the checkpoint directory
 FAILURE_MARKER = "injected_failure"  # the test-only failure hook's once-per-epoch markers
 
-_M, _T = VAEConfig(), TrainConfig()
+_T = TrainConfig()
 
 
 class TrainingFailed(VaepipeError):
@@ -176,10 +176,7 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
         "spec": spec.to_dict(),
         "statistics": ds.stats,
         "families": families_to_json(families),
-        "model_config": VAEConfig(
-            latent_dim=opts.latent_dim or auto_latent_dim(len(spec.features)),
-            hidden=tuple(opts.hidden) if opts.hidden else auto_hidden(ds.train_rows),
-        ).to_dict(),
+        "model_config": sized_config(len(spec.features), ds.train_rows, opts.latent_dim, opts.hidden).to_dict(),
         "train_config": asdict(train),
         "val_fraction": opts.val_fraction,
         "shuffle_buffer": opts.shuffle_buffer,
