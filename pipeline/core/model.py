@@ -2,8 +2,9 @@
 
 * ``inference(values, observed)``: encoded features and the missing-value mask -> q(z|x), a diagonal
   Gaussian (mean, log-variance bounded so it cannot overflow);
-* ``generative(z)``: z -> raw parameters of p(x|z), one head per feature (a fused linear layer whose
-  output is split per feature; each family turns its slice into its distribution's parameters);
+* ``generative(z)``: z -> raw parameters of p(x|z), one head per feature (a fused linear layer; each
+  family turns its slice into its distribution's parameters, like features together: ``column_log_prob``
+  makes one stacked evaluation per group of like features, not one per column);
 * ``loss(batch)``: the negative ELBO with a single reparameterised sample, for training.
 
 Prior p(z) = N(0, I). Missing values are zeroed in the encoder input, flagged in the mask, and
@@ -145,22 +146,32 @@ class VAE(nn.Module):
         if config.linear_skip:
             self.q_skip = nn.Linear(enc_in, 2 * config.latent_dim, bias=False)
             self.head_skip = nn.Linear(config.latent_dim, sum(f.n_params for f in families), bias=False)
-        self._splits = [f.n_params for f in families]
-        self._spread = [j for j, f in enumerate(families) if f.spread_index is not None]
+        # one base spread per feature with a spread parameter, in feature order
+        self._spread = sum(f.spread_index is not None for f in families)
         if config.var_modulation > 0 and self._spread:
-            self.spread_base = nn.Parameter(torch.zeros(len(self._spread)))
+            self.spread_base = nn.Parameter(torch.zeros(self._spread))
+        self._layout: dict[str, _Layout] = {}  # per device
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
     # ---- inference: x -> q(z|x) -------------------------------------------------------------------
+    def layout(self, device: torch.device) -> _Layout:
+        key = str(device)
+        if key not in self._layout:
+            self._layout[key] = _Layout.build(self.families, device)
+        return self._layout[key]
+
     def encoder_input(self, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for j, fam in enumerate(self.families):
-            parts.append(fam.encoder_input(values[:, j]) * observed[:, j : j + 1])
-        parts.append(observed.float())
-        return torch.cat(parts, dim=-1)
+        """[N, F] values and mask -> [N, enc_in] float32: each feature's encoder view (0 where missing),
+        in feature order, then the mask."""
+        lay = self.layout(values.device)
+        x = torch.zeros((values.shape[0], lay.enc_slots), dtype=torch.float32, device=values.device)
+        for g in lay.groups:
+            part = g.family.encoder_input(values[:, g.columns]) * observed[:, g.columns, None]
+            x[:, g.enc_positions] = part.reshape(values.shape[0], -1)
+        return torch.cat([x[:, : lay.enc_width], observed.float()], dim=-1)
 
     @property
     def has_mask_encoder(self) -> bool:
@@ -180,34 +191,42 @@ class VAE(nn.Module):
         return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
 
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
-    def generative(self, z: torch.Tensor, frozen: bool = False) -> list[torch.Tensor]:
-        """z [..., N, D] -> one raw parameter tensor [..., N, n_params] per feature. ``frozen``: the
-        decoder's parameters are constants (gradients reach z, and through it the encoder, only)."""
+    def generative(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """z [..., N, D] -> the raw parameters of every feature, [..., N, P], in the layout's grouped order
+        (:class:`_Layout`: ``column_log_prob`` reads them). ``frozen``: the decoder's parameters are
+        constants (gradients reach z, and through it the encoder, only)."""
 
-        def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            if not frozen:
-                return module(x)
-            params = {k: v.detach() for k, v in module.named_parameters()}
-            return torch.func.functional_call(module, params, (x,))
+        def param(v: torch.Tensor) -> torch.Tensor:
+            return v.detach() if frozen else v
 
-        out = run(self.heads, run(self.decoder, z))
+        lay = self.layout(z.device)
+        if frozen:
+            h = torch.func.functional_call(
+                self.decoder, {k: v.detach() for k, v in self.decoder.named_parameters()}, (z,)
+            )
+        else:
+            h = self.decoder(z)
+        # the heads' rows taken in the grouped order: the regrouping costs a gather of the small weight
+        # matrices, not of the [..., N, P] output
+        out = nn.functional.linear(h, param(self.heads.weight)[lay.head_rows], param(self.heads.bias)[lay.head_rows])
         if self.config.linear_skip:
-            out = out + run(self.head_skip, z)
-        raw = list(out.split(self._splits, dim=-1))
-        if self.config.var_modulation > 0:
-            m = self.config.var_modulation
-            for i, j in enumerate(self._spread):
-                k = self.families[j].spread_index
-                r = raw[j]
-                base = self.spread_base[i].detach() if frozen else self.spread_base[i]
-                spread = SPREAD_GAIN * base + m * torch.tanh(r[..., k : k + 1])
-                raw[j] = torch.cat([r[..., :k], spread, r[..., k + 1 :]], dim=-1)
-        return raw
+            out = out + nn.functional.linear(z, param(self.head_skip.weight)[lay.head_rows])
+        if self.config.var_modulation > 0 and self._spread:
+            base = param(self.spread_base)[lay.spread_base]
+            spread = SPREAD_GAIN * base + self.config.var_modulation * torch.tanh(out[..., lay.spread_positions])
+            out = out.index_copy(out.dim() - 1, lay.spread_positions, spread)
+        return out
 
-    def column_log_prob(self, raw: list[torch.Tensor], values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """log p(x_j | z) for every feature, float64 [..., N, F], 0 where x_j is missing."""
-        cols = [fam.log_prob(r, values[:, j]) for j, (fam, r) in enumerate(zip(self.families, raw, strict=True))]
-        logp = torch.stack(cols, dim=-1)
+    def column_log_prob(self, raw: torch.Tensor, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """log p(x_j | z) for every feature, float64 [..., N, F], 0 where x_j is missing: one stacked
+        evaluation per group of like features (:class:`_Layout`); ``raw`` from :meth:`generative`."""
+        lay = self.layout(values.device)
+        raw = raw.double()
+        parts = [
+            g.family.log_prob(raw[..., g.start : g.stop].unflatten(-1, (len(g.columns), -1)), values[:, g.columns])
+            for g in lay.groups
+        ]
+        logp = torch.cat(parts, dim=-1)[..., lay.feature_order]
         return torch.where(observed, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
     # ---- loss -----------------------------------------------------------------------------------
@@ -233,6 +252,77 @@ class VAE(nn.Module):
         return LossOutput(loss, recon.detach(), kl.detach(), col.detach())
 
 
+@dataclass
+class _Group:
+    """Features of one ``group_key``, evaluated as one stacked family."""
+
+    family: Family  # Family.stack of the members
+    columns: torch.Tensor  # [G] their feature indices
+    start: int  # their raw parameters: [start, stop) of generative's output, member after member, P each
+    stop: int
+    enc_positions: torch.Tensor  # [G * W] their encoder views' slots (padding: spare slots past the end)
+
+
+@dataclass
+class _Layout:
+    """Like features grouped, so that each group is evaluated at once (adult: 15 features, 6 groups).
+
+    The heads' parameters and the encoder input keep the features' own order, as artifacts store them;
+    the decoder emits its output in the grouped order (``head_rows``: the heads' row for each output,
+    a stack's padding repeating a member's last row), so each group's parameters are one contiguous
+    slice [..., N, G * P]."""
+
+    groups: list[_Group]
+    head_rows: torch.Tensor  # [P'] the heads' row of each grouped output
+    feature_order: torch.Tensor  # [F]: feature j's position in the groups' concatenated log-probabilities
+    spread_positions: torch.Tensor  # [S] the spread parameters in the grouped output
+    spread_base: torch.Tensor  # [S] which of spread_base (feature order) each one takes
+    enc_width: int  # the encoder view's width (the mask follows it)
+    enc_slots: int  # enc_width plus the spare slots the padding of stacks writes to
+
+    @classmethod
+    def build(cls, families: list[Family], device: torch.device) -> _Layout:
+        p_off = [0, *itertools.accumulate(f.n_params for f in families)]
+        e_off = [0, *itertools.accumulate(f.enc_width for f in families)]
+        spread_rank = {j: i for i, j in enumerate(j for j, f in enumerate(families) if f.spread_index is not None)}
+        members: dict[tuple, list[int]] = {}
+        for j, f in enumerate(families):
+            members.setdefault(f.group_key(), []).append(j)
+        groups, rows, spread_pos, spread_base, spare = [], [], [], [], e_off[-1]
+        for cols in members.values():
+            fams = [families[j] for j in cols]
+            stacked = type(fams[0]).stack(fams, device)
+            start, enc = len(rows), []
+            for j, f in zip(cols, fams, strict=True):
+                if f.spread_index is not None:
+                    spread_pos.append(len(rows) + f.spread_index)
+                    spread_base.append(spread_rank[j])
+                rows += [p_off[j] + min(k, f.n_params - 1) for k in range(stacked.n_params)]
+                for k in range(stacked.enc_width):
+                    if k < f.enc_width:
+                        enc.append(e_off[j] + k)
+                    else:
+                        enc.append(spare)
+                        spare += 1
+            groups.append(
+                _Group(stacked, torch.tensor(cols, device=device), start, len(rows), torch.tensor(enc, device=device))
+            )
+        order = torch.tensor([j for cols in members.values() for j in cols])
+
+        def longs(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.long, device=device)
+
+        return cls(
+            groups,
+            longs(rows),
+            torch.argsort(order).to(device),
+            longs(spread_pos),
+            longs(spread_base),
+            e_off[-1],
+            spare,
+        )
+
+
 def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, I)), closed form, summed over the latent dims, float64."""
     mean, log_var = mean.double(), log_var.double()
@@ -243,5 +333,3 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last dim, float64."""
     z = z.double()
     return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-
-

@@ -9,13 +9,21 @@ A family is one feature's whole story, fitted once on training data and stored w
   value is observed, and why a row cannot be scored (or None);
 * **encoder view** -- ``encoder_input(value)``: what the encoder network sees (standardised, bounded);
 * **likelihood** -- ``log_prob(raw, value)``: the exact log-density (or log-mass) of the value under
-  the distribution whose parameters the decoder head emitted as ``raw``, in the column's own units.
+  the distribution whose parameters the decoder head emitted as ``raw``, in the column's own units;
+* **stacking** -- families with the same ``group_key`` are evaluated together: ``stack(families)`` is
+  one family of their class whose per-column numbers (``column_attrs``: location, scale, ...) are
+  tensors [G], so one call of ``encoder_input`` or ``log_prob`` on values [N, G] and raw parameters
+  [..., N, G, n_params] does the work of G calls, each column exactly as its own family would. The model
+  evaluates a table's likelihood this way, a few tensor operations per family instead of per column.
+  Every family writes its numbers through ``log_of`` and tensor broadcasting, so one implementation
+  serves a column and a stack.
 
 ``log_prob`` works in float64 and is finite for every value that ``encode`` accepts, however extreme.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ class Family(ABC):
     # position of the spread parameter (log-variance, log-dispersion) in the head's raw output, if any:
     # the model bounds how far a record can move it from the column's learned base (pipeline/core/model.py)
     spread_index: ClassVar[int | None] = None
+
+    # the fitted numbers that differ between the columns of one stack (tensors [G] in a stacked family)
+    column_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str):
         self.name = name
@@ -94,6 +105,23 @@ class Family(ABC):
     @abstractmethod
     def log_prob(self, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """raw [..., N, n_params] (any float), value [N] float64 -> log p [..., N] float64."""
+
+    # ---- stacking -------------------------------------------------------------------------------
+    def group_key(self) -> tuple:
+        """Families with equal keys are stacked: they have the same shapes and the same distribution."""
+        return (type(self), self.n_params, self.enc_width)
+
+    @classmethod
+    def stack(cls, families: list[Family], device: torch.device | str | None = None) -> Family:
+        """One family for the columns of ``families`` (all of this class, with one ``group_key``): its
+        ``column_attrs`` become float64 tensors [G] on ``device``; everything else is the first's."""
+        out = copy.copy(families[0])
+        out.name = ",".join(f.name for f in families)
+        for a in cls.column_attrs:
+            if getattr(out, a) is None:  # an option none of them has (their group_key says so)
+                continue
+            setattr(out, a, torch.tensor([getattr(f, a) for f in families], dtype=torch.float64, device=device))
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.state()})"
@@ -185,9 +213,15 @@ def label_counts(labels: pa.Array) -> dict[str, int]:
     return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)}
 
 
-def bounded_log_var(raw: torch.Tensor, min_var: float, max_log_var: float = 10.0) -> torch.Tensor:
+def log_of(v: float | torch.Tensor) -> float | torch.Tensor:
+    """log of a fitted number: a float (one column) or a tensor of one per column (a stack)."""
+    return torch.log(v) if isinstance(v, torch.Tensor) else math.log(v)
+
+
+def bounded_log_var(raw: torch.Tensor, min_var: float | torch.Tensor, max_log_var: float = 10.0) -> torch.Tensor:
     """log(min_var + exp(raw)) with raw clamped: a smooth floor on the variance, finite above."""
-    return torch.logaddexp(raw.clamp(-30.0, max_log_var), torch.full_like(raw, math.log(min_var)))
+    floor = torch.as_tensor(log_of(min_var), dtype=raw.dtype, device=raw.device)
+    return torch.logaddexp(raw.clamp(-30.0, max_log_var), floor.expand_as(raw))
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:

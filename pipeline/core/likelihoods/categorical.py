@@ -12,10 +12,15 @@ labels, the share of training values whose label occurs exactly once, counting t
 
 Logits are bounded so no class has probability 0. Artifacts written before ``oov_mass`` existed keep
 their learned out-of-vocabulary logit (``oov_mass`` None).
+
+Categoricals with vocabularies of similar sizes stack (:meth:`Categorical.stack`): the stack has the
+longest vocabulary's width, a shorter column's extra logits are masked to -inf (probability exactly 0,
+no gradient), and its out-of-vocabulary class moves to the stack's last position.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -43,6 +48,28 @@ class Categorical(LabelFamily):
         super().__init__(name)
         self.vocab = [str(v) for v in vocab]
         self.oov_mass = None if oov_mass is None else float(oov_mass)
+        self._pad: torch.Tensor | None = None  # a stack's [G, n_params] mask of the logits a column lacks
+        self._n_vocab: torch.Tensor | None = None  # a stack's [G] vocabulary sizes
+
+    def group_key(self):
+        # with a fixed out-of-vocabulary mass, every vocabulary size stacks; a learned one is the last logit
+        # with a fixed out-of-vocabulary mass, vocabularies of similar sizes (the same power of two) stack,
+        # padded to the longest: at most twice the work of the column alone, one evaluation for all
+        if self.oov_mass is None:  # a learned out-of-vocabulary logit is the last: one size per stack
+            return super().group_key()
+        return (Categorical, "oov_mass", (len(self.vocab) - 1).bit_length())
+
+    @classmethod
+    def stack(cls, families, device=None):
+        out = copy.copy(max(families, key=lambda f: len(f.vocab)))
+        out.name = ",".join(f.name for f in families)
+        if out.oov_mass is None:  # one vocabulary size (group_key): nothing to pad
+            return out
+        sizes = torch.tensor([len(f.vocab) for f in families], device=device)
+        out._n_vocab = sizes
+        out._pad = torch.arange(len(out.vocab), device=device) >= sizes[:, None]
+        out.oov_mass = torch.tensor([f.oov_mass for f in families], dtype=torch.float64, device=device)
+        return out
 
     @property
     def n_classes(self) -> int:
@@ -79,13 +106,20 @@ class Categorical(LabelFamily):
     def params(self, raw: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the classes, vocabulary order, out-of-vocabulary last."""
         logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
+        if self._pad is not None:
+            logits = logits.masked_fill(self._pad, -math.inf)
         if self.oov_mass is None:
             return torch.log_softmax(logits, dim=-1)
-        known = torch.log_softmax(logits, dim=-1) + math.log1p(-self.oov_mass)
-        oov = torch.full_like(known[..., :1], math.log(self.oov_mass))
+        mass = torch.as_tensor(self.oov_mass, dtype=logits.dtype, device=logits.device)
+        mass = mass.unsqueeze(-1) if mass.dim() else mass  # a stack's [G] against [..., G, classes]
+        known = torch.log_softmax(logits, dim=-1) + torch.log1p(-mass)
+        oov = torch.log(mass).expand_as(known[..., :1])
         return torch.cat([known, oov], dim=-1)
 
     def log_prob(self, raw, value):
         logp = self.params(raw)
-        idx = value.long().expand(logp.shape[:-1])
+        idx = value.long()
+        if self._n_vocab is not None:  # a stack: each column's out-of-vocabulary class is the last one
+            idx = torch.where(idx == self._n_vocab, len(self.vocab), idx)
+        idx = idx.expand(logp.shape[:-1])
         return torch.gather(logp, -1, idx.unsqueeze(-1)).squeeze(-1)

@@ -66,16 +66,13 @@ def negbinom_log_prob(k: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor
     r = torch.exp(log_r)
     log_r_mu = torch.logaddexp(log_r, log_mu)
     return (
-        torch.lgamma(k + r)
-        - torch.lgamma(r)
-        - torch.lgamma(k + 1.0)
-        + r * (log_r - log_r_mu)
-        + k * (log_mu - log_r_mu)
+        torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1.0) + r * (log_r - log_r_mu) + k * (log_mu - log_r_mu)
     )
 
 
 class Count(Family):
     kind = "count"
+    column_attrs = ("loc", "scale", "log_mean", "min_var")
 
     def __init__(
         self, name: str, loc: float, scale: float, log_mean: float, dist: str = "negbinom", min_var: float = MIN_VAR
@@ -106,6 +103,9 @@ class Count(Family):
         n = stats["log1p"]["n"]
         mean = stats["sum"] / n if n else 1.0
         return cls(name, loc, scale, math.log(max(mean, 1e-3)), **({"dist": "lognormal"} | options))
+
+    def group_key(self):
+        return (*super().group_key(), self.dist)
 
     def state(self):
         out = {"loc": self.loc, "scale": self.scale, "log_mean": self.log_mean, "dist": self.dist}

@@ -8,7 +8,6 @@ density to infinity.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from pipeline.core.likelihoods.base import (
     bounded_log_var,
     gaussian_log_prob,
     loc_scale,
+    log_of,
     moments_merge,
     moments_partial,
     to_float64,
@@ -35,6 +35,7 @@ U_MAX = 1e6
 
 class Real(Family):
     kind = "real"
+    column_attrs = ("loc", "scale", "min_var")
 
     def __init__(self, name: str, loc: float, scale: float, min_var: float = MIN_VAR):
         super().__init__(name)
@@ -79,4 +80,4 @@ class Real(Family):
     def log_prob(self, raw, value):
         mean, log_var = self.params(raw)
         u = ((value - self.loc) / self.scale).clamp(-U_MAX, U_MAX)
-        return gaussian_log_prob(u, mean, log_var) - math.log(self.scale)
+        return gaussian_log_prob(u, mean, log_var) - log_of(self.scale)
