@@ -44,6 +44,15 @@ def _positive_twin(fam, raw, x):
         return np.where(x == 0, np.log(pi), np.log1p(-pi) + ln.logpdf(np.where(x == 0, 1.0, x)))
 
 
+def _positive_bound_twin(fam, raw, x):
+    """No point mass: a zero has min(floor, the log-normal's mass below the bound) (scipy's logcdf)."""
+    mean, log_var, _ = (t.item() for t in fam.params(raw))
+    ln = stats.lognorm(s=fam.scale * math.exp(0.5 * log_var), scale=math.exp(fam.loc + fam.scale * mean))
+    log_p0 = min(math.log(ZERO_FLOOR), float(ln.logcdf(fam.zero_bound)))
+    with np.errstate(divide="ignore"):
+        return np.where(x == 0, log_p0, np.log1p(-math.exp(log_p0)) + ln.logpdf(np.where(x == 0, 1.0, x)))
+
+
 def _count_twin(fam, raw, k):
     log_mu, log_r = (t.item() for t in fam.params(raw))
     mu, r = math.exp(log_mu), math.exp(log_r)
@@ -79,7 +88,8 @@ def _ordinal_twin(fam, raw, k):
 
 REAL = Real("r", loc=3.0, scale=2.5)
 POS_ZEROS = Positive("p0", loc=1.2, scale=0.7, zero_fraction=0.6)
-POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)
+POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)  # before zero_bound: a zero at the floor
+POS_BOUND = Positive("pb", loc=1.7, scale=0.2, zero_fraction=0.0, zero_bound=3.7)  # the default without zeros
 COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))  # negative binomial (models before the default)
 COUNT_LN = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0), dist="lognormal")  # the default
 BINARY = Binary("b", ["no", "yes"])
@@ -96,6 +106,8 @@ CASES = [
     Case("positive-zeros-rare", POS_ZEROS, [-1.0, 1.0, -6.0], [0.0, 0.01, 1.0, 7.0], _positive_twin, "mixed"),
     Case("positive-nozeros", POS, [0.0, 0.0], [0.05, 0.6, 2.0, 9.0], _positive_twin, "mixed"),
     Case("positive-nozeros-zero", POS, [0.5, -1.0], [0.0, 1e-6, 1.0], _positive_twin, "mixed"),
+    Case("positive-bound-floor", POS_BOUND, [-6.0, 2.0], [0.0, 1.0, 3.0, 5.5], _positive_bound_twin, "mixed"),
+    Case("positive-bound-tight", POS_BOUND, [0.2, -8.0], [0.0, 3.69, 5.9, 6.1], _positive_bound_twin, "mixed"),
     Case("count-mean4", COUNT, [0.0, 0.0], [0, 1, 4, 10, 40], _count_twin, "discrete"),
     Case("count-overdispersed", COUNT, [1.5, -2.0], [0, 3, 50, 500], _count_twin, "discrete"),
     Case("count-near-poisson", COUNT, [-1.0, 8.0], [0, 1, 2, 9], _count_twin, "discrete"),
@@ -148,7 +160,10 @@ def test_normalised(case: Case):
         total = integrate.quad(density, c - 40 * s, c + 40 * s, points=[c], limit=200)[0]
     else:  # point mass at 0 plus a density on (0, inf), integrated over log x
         mass0 = density(0.0)
-        total = mass0 + integrate.quad(lambda t: density(math.exp(t)) * math.exp(t), -60, 60, limit=400)[0]
+        mean, log_var, _ = (t.item() for t in fam.params(raw[0]))
+        c, s = fam.loc + fam.scale * mean, fam.scale * math.exp(0.5 * log_var)  # of log x
+        inner = integrate.quad(lambda t: density(math.exp(t)) * math.exp(t), c - 40 * s, c + 40 * s, points=[c])[0]
+        total = mass0 + inner
     assert total == pytest.approx(1.0, abs=1e-6)
 
 
@@ -167,6 +182,7 @@ EXTREMES = [
     (REAL, [1e6 * 2.5 + 3.0, -1e12, 1e300]),
     (POS_ZEROS, [1e300, 1e-300, 5e-324]),
     (POS, [0.0, 1e300, 1e-300]),  # a zero where training never had one
+    (POS_BOUND, [0.0, 1e300, 1e-300]),
     (COUNT, [1e9, 1e15]),
     (CAT, [4.0]),  # out of vocabulary
     (CAT_GT, [4.0]),
@@ -247,6 +263,25 @@ def test_rare_zeros_get_no_point_mass():
     assert lp == pytest.approx(math.log(ZERO_FLOOR), rel=1e-9)
     common = Positive.from_stats("p", Positive.partial_stats(pa.array(np.r_[np.zeros(30), x[3:]])))
     assert common.has_zeros and common.zero_fraction == pytest.approx(30 / 10_027)
+    assert rare.zero_bound == x[3:].min() and common.zero_bound is None
+
+
+def test_zero_without_point_mass_is_charged_by_the_model():
+    """A zero in a column without a point mass costs at least the floor; where the model is sure the value
+    is far above the column's smallest, it costs the log-normal's tail (thousands of nats, exact), and a
+    rescaled column (its bound rescaled with it) gives the zero the same mass."""
+    # v = (log x - 1.7) / 0.2 ~ N(0, 2e-4) (the variance floor's 1e-4 plus 1e-4): x ~ 5.47 within 0.3%;
+    # the bound 3.7 is 138 sigmas below
+    tight = torch.tensor([[0.0, math.log(1e-4)]], dtype=torch.float64)
+    zero = torch.tensor([0.0], dtype=torch.float64)
+    lp = POS_BOUND.log_prob(tight, zero).item()
+    ref = stats.norm.logcdf((math.log(3.7) - 1.7) / 0.2 / math.sqrt(2e-4))
+    assert lp == pytest.approx(ref, rel=1e-9) and lp < -9000
+    wide = POS_BOUND.log_prob(torch.tensor([[-6.0, 2.0]]), zero).item()
+    assert wide == pytest.approx(math.log(ZERO_FLOOR), rel=1e-12)  # small values plausible: the floor
+    c = 1000.0
+    scaled = Positive("pb", loc=1.7 + math.log(c), scale=0.2, zero_fraction=0.0, zero_bound=3.7 * c)
+    assert scaled.log_prob(tight, zero).item() == pytest.approx(lp, rel=1e-9)
 
 
 def test_partial_stats_merge_equals_whole():

@@ -17,6 +17,18 @@ something that cannot be 0), not a state of the data, and a point mass learned f
 would let every such error, in training and after, pass for an ordinary record costing a few nats.
 They score at the floor instead, charged to their column; a column whose zeros are a real part of it
 (money amounts that are mostly 0, concentrations below detection) keeps its point mass.
+
+Without a point mass, the floor is only where the model finds a small value possible. A zero stands
+for a value below anything the column held in training (``zero_bound``, its smallest positive value),
+so its mass is at most what the log-normal gives such values:
+
+    p(0 | z) = min(ZERO_FLOOR, P(X <= zero_bound | z)),   p(x | z) = (1 - p(0 | z)) * LogNormal(x),
+
+exactly normalised, and without units (a rescaled column rescales its bound). A diamond's width of 0
+where the other measurements say 5.7 mm with a spread of 1% gets the log-normal's tail below the
+smallest width ever measured, thousands of nats down, instead of the floor's 27.6; a zero where the
+record's other features make small values plausible still costs at least the floor. Artifacts written
+before ``zero_bound`` existed keep the floor alone.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from pipeline.core.likelihoods.base import (
     bounded_log_var,
     gaussian_log_prob,
     loc_scale,
+    log1mexp,
+    log_of,
     moments_merge,
     moments_partial,
     to_float64,
@@ -48,12 +62,26 @@ MIN_ZERO_FRACTION = 1e-3  # zeros rarer than this are errors: no point mass (see
 
 class Positive(Family):
     kind = "positive"
+    # a stack's columns all have a point mass at 0 or none has, and all have a zero bound or none has
+    column_attrs = ("loc", "scale", "min_var", "zero_bound")
     spread_index = 1
 
-    def __init__(self, name: str, loc: float, scale: float, zero_fraction: float, min_var: float = MIN_VAR):
+    def __init__(
+        self,
+        name: str,
+        loc: float,
+        scale: float,
+        zero_fraction: float,
+        min_var: float = MIN_VAR,
+        zero_bound: float | None = None,
+    ):
         super().__init__(name)
         self.loc, self.scale = float(loc), float(scale)
         self.zero_fraction, self.min_var = float(zero_fraction), float(min_var)
+        self.zero_bound = None if zero_bound is None else float(zero_bound)
+
+    def group_key(self):
+        return (*super().group_key(), self.zero_bound is None)
 
     @property
     def has_zeros(self) -> bool:
@@ -72,7 +100,12 @@ class Positive(Family):
         x = to_float64(column)
         x = x[np.isfinite(x)]
         pos = x[x > 0]
-        return {"log": moments_partial(np.log(pos)), "zeros": int((x == 0).sum()), "negative": int((x < 0).sum())}
+        return {
+            "log": moments_partial(np.log(pos)),
+            "zeros": int((x == 0).sum()),
+            "negative": int((x < 0).sum()),
+            "min": float(pos.min()) if pos.size else math.inf,
+        }
 
     @staticmethod
     def merge_stats(a, b):
@@ -80,6 +113,7 @@ class Positive(Family):
             "log": moments_merge(a["log"], b["log"]),
             "zeros": a["zeros"] + b["zeros"],
             "negative": a["negative"] + b["negative"],
+            "min": min(a.get("min", math.inf), b.get("min", math.inf)),
         }
 
     @classmethod
@@ -87,10 +121,14 @@ class Positive(Family):
         loc, scale = loc_scale(stats["log"])
         n = stats["log"]["n"] + stats["zeros"]
         fraction = stats["zeros"] / n if n else 0.0
-        return cls(name, loc, scale, fraction if fraction >= MIN_ZERO_FRACTION else 0.0, **options)
+        fraction = fraction if fraction >= MIN_ZERO_FRACTION else 0.0
+        low = stats.get("min", math.inf)
+        bound = None if fraction > 0 or not math.isfinite(low) else low
+        return cls(name, loc, scale, fraction, zero_bound=bound, **options)
 
     def state(self):
-        return {"loc": self.loc, "scale": self.scale, "zero_fraction": self.zero_fraction, "min_var": self.min_var}
+        out = {"loc": self.loc, "scale": self.scale, "zero_fraction": self.zero_fraction, "min_var": self.min_var}
+        return out | ({"zero_bound": self.zero_bound} if self.zero_bound is not None else {})
 
     def encode(self, column) -> EncodedColumn:
         x = to_float64(column)
@@ -126,6 +164,10 @@ class Positive(Family):
         safe = torch.where(is_zero, torch.ones_like(value), value)
         log_x = torch.log(safe)
         v = (log_x - self.loc) / self.scale
-        log_pos = -F.softplus(logit) + gaussian_log_prob(v, mean, log_var) - math.log(self.scale) - log_x
-        log_zero = -F.softplus(-logit)
-        return torch.where(is_zero, log_zero, log_pos)
+        log_density = gaussian_log_prob(v, mean, log_var) - log_of(self.scale) - log_x
+        if self.has_zeros or self.zero_bound is None:
+            return torch.where(is_zero, -F.softplus(-logit), -F.softplus(logit) + log_density)
+        # no point mass: a zero has the log-normal's mass below the bound, at most the floor
+        b = ((log_of(self.zero_bound) - self.loc) / self.scale - mean) * torch.exp(-0.5 * log_var)
+        log_zero = torch.special.log_ndtr(b).clamp(max=math.log(ZERO_FLOOR))
+        return torch.where(is_zero, log_zero, log1mexp(log_zero) + log_density)
