@@ -150,17 +150,17 @@ class VAE(nn.Module):
         self._spread = sum(f.spread_index is not None for f in families)
         if config.var_modulation > 0 and self._spread:
             self.spread_base = nn.Parameter(torch.zeros(self._spread))
-        self._layout: dict[str, _Layout] = {}  # per device
+        self._layout: dict[str, Layout] = {}  # per device
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
     # ---- inference: x -> q(z|x) -------------------------------------------------------------------
-    def layout(self, device: torch.device) -> _Layout:
+    def layout(self, device: torch.device) -> Layout:
         key = str(device)
         if key not in self._layout:
-            self._layout[key] = _Layout.build(self.families, device)
+            self._layout[key] = Layout.build(self.families, device)
         return self._layout[key]
 
     def encoder_input(self, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,7 @@ class VAE(nn.Module):
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
     def generative(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """z [..., N, D] -> the raw parameters of every feature, [..., N, P], in the layout's grouped order
-        (:class:`_Layout`: ``column_log_prob`` reads them). ``frozen``: the decoder's parameters are
+        (:class:`Layout`: ``column_log_prob`` reads them). ``frozen``: the decoder's parameters are
         constants (gradients reach z, and through it the encoder, only)."""
 
         def param(v: torch.Tensor) -> torch.Tensor:
@@ -219,15 +219,8 @@ class VAE(nn.Module):
 
     def column_log_prob(self, raw: torch.Tensor, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """log p(x_j | z) for every feature, float64 [..., N, F], 0 where x_j is missing: one stacked
-        evaluation per group of like features (:class:`_Layout`); ``raw`` from :meth:`generative`."""
-        lay = self.layout(values.device)
-        raw = raw.double()
-        parts = [
-            g.family.log_prob(raw[..., g.start : g.stop].unflatten(-1, (len(g.columns), -1)), values[:, g.columns])
-            for g in lay.groups
-        ]
-        logp = torch.cat(parts, dim=-1)[..., lay.feature_order]
-        return torch.where(observed, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+        evaluation per group of like features (:class:`Layout`); ``raw`` from :meth:`generative`."""
+        return self.layout(values.device).column_log_prob(raw, values, observed)
 
     # ---- loss -----------------------------------------------------------------------------------
     def loss(self, batch: EncodedBatch, kl_weight: float = 1.0) -> LossOutput:
@@ -264,7 +257,7 @@ class _Group:
 
 
 @dataclass
-class _Layout:
+class Layout:
     """Like features grouped, so that each group is evaluated at once (adult: 15 features, 6 groups).
 
     The heads' parameters and the encoder input keep the features' own order, as artifacts store them;
@@ -280,8 +273,18 @@ class _Layout:
     enc_width: int  # the encoder view's width (the mask follows it)
     enc_slots: int  # enc_width plus the spare slots the padding of stacks writes to
 
+    def column_log_prob(self, raw: torch.Tensor, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """raw parameters [..., N, P'] in the grouped order -> log p(x_j) float64 [..., N, F], 0 where missing."""
+        raw = raw.double()
+        parts = [
+            g.family.log_prob(raw[..., g.start : g.stop].unflatten(-1, (len(g.columns), -1)), values[:, g.columns])
+            for g in self.groups
+        ]
+        logp = torch.cat(parts, dim=-1)[..., self.feature_order]
+        return torch.where(observed, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
     @classmethod
-    def build(cls, families: list[Family], device: torch.device) -> _Layout:
+    def build(cls, families: list[Family], device: torch.device) -> Layout:
         p_off = [0, *itertools.accumulate(f.n_params for f in families)]
         e_off = [0, *itertools.accumulate(f.enc_width for f in families)]
         spread_rank = {j: i for i, j in enumerate(j for j, f in enumerate(families) if f.spread_index is not None)}

@@ -121,5 +121,6 @@ class Categorical(LabelFamily):
         idx = value.long()
         if self._n_vocab is not None:  # a stack: each column's out-of-vocabulary class is the last one
             idx = torch.where(idx == self._n_vocab, len(self.vocab), idx)
-        idx = idx.expand(logp.shape[:-1])
-        return torch.gather(logp, -1, idx.unsqueeze(-1)).squeeze(-1)
+        shape = torch.broadcast_shapes(logp.shape[:-1], idx.shape)  # raw may be one row for all records
+        logp = logp.expand(*shape, logp.shape[-1])
+        return torch.gather(logp, -1, idx.expand(shape).unsqueeze(-1)).squeeze(-1)

@@ -34,7 +34,9 @@ GAP = 1e-4
 def cumulative_logit_log_prob(thresholds: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """thresholds [..., L-1] increasing, k [...] level index in 0..L-1 -> log P(y = k)."""
     n_levels = thresholds.shape[-1] + 1
-    k = k.long().expand(thresholds.shape[:-1])
+    shape = torch.broadcast_shapes(thresholds.shape[:-1], k.shape)  # thresholds may be one row for all records
+    thresholds = thresholds.expand(*shape, n_levels - 1)
+    k = k.long().expand(shape)
     upper = torch.gather(thresholds, -1, k.clamp(max=n_levels - 2).unsqueeze(-1)).squeeze(-1)
     lower = torch.gather(thresholds, -1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
     first, last = k == 0, k == n_levels - 1
