@@ -64,7 +64,7 @@ def ray_head():
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     address = f"127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a loaded 2-core machine can take a minute and more to bring up a head
     while True:
         probe = subprocess.run(
             [sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False)"],
@@ -80,7 +80,7 @@ def ray_head():
     yield address
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
