@@ -1,6 +1,6 @@
 """The model step against a minimal float32 VAE of the same widths, in one process, side by side.
 
-    python benchmarks/model_step.py [--steps 200] [--batch-size 512] [--datasets adult default_credit]
+    python benchmarks/model_step.py [--steps 200] [--batch-size 512] [--datasets adult wine]
 
 Arms, each timed over the same minibatches of the dataset's encoded training rows (one torch thread, the
 job's default model sizes from :func:`pipeline.core.model.sized_config`), interleaved in rounds so that a
@@ -144,7 +144,7 @@ def bench(name: str, steps: int, batch_size: int, rounds: int, samples: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--datasets", nargs="+", default=["adult", "default_credit"])
+    ap.add_argument("--datasets", nargs="+", default=["adult", "wine"], help="tables of tests/data")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
