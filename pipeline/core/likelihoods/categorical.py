@@ -52,7 +52,6 @@ class Categorical(LabelFamily):
         self._n_vocab: torch.Tensor | None = None  # a stack's [G] vocabulary sizes
 
     def group_key(self):
-        # with a fixed out-of-vocabulary mass, every vocabulary size stacks; a learned one is the last logit
         # with a fixed out-of-vocabulary mass, vocabularies of similar sizes (the same power of two) stack,
         # padded to the longest: at most twice the work of the column alone, one evaluation for all
         if self.oov_mass is None:  # a learned out-of-vocabulary logit is the last: one size per stack

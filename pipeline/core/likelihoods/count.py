@@ -66,7 +66,11 @@ def negbinom_log_prob(k: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor
     r = torch.exp(log_r)
     log_r_mu = torch.logaddexp(log_r, log_mu)
     return (
-        torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1.0) + r * (log_r - log_r_mu) + k * (log_mu - log_r_mu)
+        torch.lgamma(k + r)
+        - torch.lgamma(r)
+        - torch.lgamma(k + 1.0)
+        + r * (log_r - log_r_mu)
+        + k * (log_mu - log_r_mu)
     )
 
 
