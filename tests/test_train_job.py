@@ -28,8 +28,9 @@ from pipeline.core.training import TrainConfig, make_optimizer, train_step
 from pipeline.errors import FAIL_AT_ENV
 from pipeline.io import storage
 from pipeline.io.inputs import preflight
+from pipeline.train import data as train_data
 from pipeline.train.data import is_validation, statistics_pass
-from pipeline.train.loop import ShardCache, load_state, restore_optimizer, save_state
+from pipeline.train.loop import ShardCache, TableShard, load_state, restore_optimizer, save_state
 
 ADULT = DATA / "adult" / "adult.parquet"
 SMALL = "--latent-dim 4 --hidden 16 16 --batch-size 1024 --kl-warmup-epochs 1 --mc-samples 2 --iw-samples 4"
@@ -116,6 +117,22 @@ def test_shard_cache_yields_every_record_once_per_epoch_whatever_the_arrival_ord
     # over the budget: nothing is kept, the invalid-cell count still is
     small = cached(np.arange(5000), 100_000)
     assert not small.fits and small.invalid == a.invalid
+
+
+def test_table_shard_passes_every_row_once_in_a_seeded_order(adult):
+    table = adult.slice(0, 2500)
+    shard = TableShard(table)
+    in_order = list(shard.iter_batches(batch_size=1000, batch_format="pyarrow"))
+    assert [t.num_rows for t in in_order] == [1000, 1000, 500]
+    assert pa.concat_tables(in_order).equals(table)
+    ages = table.column("age").to_numpy()
+    passes = {}
+    for seed in (3, 3, 4):
+        got = pa.concat_tables(shard.iter_batches(batch_size=700, local_shuffle_seed=seed)).column("age").to_numpy()
+        np.testing.assert_array_equal(np.sort(got), np.sort(ages))  # each row once
+        passes.setdefault(seed, []).append(got)
+    np.testing.assert_array_equal(*passes[3])  # the same order for the same seed
+    assert not np.array_equal(passes[3][0], passes[4][0]) and not np.array_equal(passes[3][0], ages)
 
 
 def test_checkpoint_state_restores_model_and_optimizer_exactly(adult, tmp_path):
@@ -255,6 +272,22 @@ def test_worker_failure_resumes_from_the_checkpoint(adult, spec_file, tmp_path, 
     assert [h["epoch"] for h in meta["metrics"]] == [0, 1, 2]
     assert load_model(str(model_dir)).model_id == meta["model_id"]
     assert not (model_dir / "_checkpoints").exists()
+
+
+def test_streamed_ingest_trains_every_record_once_per_epoch(adult, spec_file, tmp_path, ray_local, monkeypatch):
+    """Inputs over LOCAL_STATS_ROWS are read by Ray Data and split across the workers by Ray Train (the
+    small ones are handed to the workers as object-store tables): the same split, every record once."""
+    data = write_shards(adult.slice(0, 6000), tmp_path / "data", 3)
+    monkeypatch.setattr(train_data, "LOCAL_STATS_ROWS", 0)
+    model_dir = tmp_path / "model"
+    args = ["--data", str(data), "--spec", spec_file, "--model-dir", str(model_dir), "--workers", "2"]
+    assert train.main([*args, "--epochs", "2", *SMALL.split()]) == 0
+    meta = json.loads(Path(artifact.meta_path(str(model_dir))).read_text())
+    cfg = meta["train_config"]
+    val = int(is_validation(adult.slice(0, 6000), dataset_spec("adult").id_columns, cfg["val_fraction"]).sum())
+    assert cfg["passes_per_epoch"] > 1  # the first pass streams, the others run from the kept shard
+    for h in meta["metrics"]:
+        assert (h["train_rows"], h["val_rows"]) == (cfg["passes_per_epoch"] * (6000 - val), val)
 
 
 def test_resume_without_a_run_is_a_usage_error(adult, spec_file, tmp_path):

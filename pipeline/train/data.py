@@ -3,8 +3,8 @@
 * :func:`is_validation` -- a record is in the validation set when a hash of its id columns falls
   below ``val_fraction``: the same record is always on the same side, whatever the file layout,
   batch size, worker count or seed;
-* :func:`split_datasets` -- the train and validation Ray Datasets (in the object store for inputs the driver
-  can hold, else lazy and streaming);
+* :func:`split_inputs` -- the train and validation sides: for inputs the driver can hold, one Arrow table
+  per worker and side in the object store (:class:`WorkerShards`); else lazy, streaming Ray Datasets;
 * :func:`statistics_pass` -- the preprocessing statistics over every input row, each file read once
   with the spec's columns only: on the driver for small inputs, else one mergeable partial per file
   (or share of its row groups) from Ray tasks, merged on the driver as they finish: the driver holds
@@ -54,16 +54,27 @@ class _SplitFilter:
         return table.filter(pa.array(mask if self.validation else ~mask))
 
 
-def split_datasets(data: InputData, spec: FeatureSpec, val_fraction: float, blocks: int = 8):
-    """(train, validation) Ray Datasets over the spec's columns.
+@dataclass
+class WorkerShards:
+    """Each worker's rows of each side, as object-store references to Arrow tables:
+    ``refs[side][rank]``. Rows are contiguous slices of the driver's split, in file order."""
+
+    refs: dict[str, list]  # "train" / "valid" -> one ObjectRef of a pa.Table per worker
+    rows: dict[str, int]  # rows per side, all workers together
+
+
+def split_inputs(data: InputData, spec: FeatureSpec, val_fraction: float, workers: int):
+    """The train and validation sides over the spec's columns: :class:`WorkerShards`, or a pair of Ray
+    Datasets.
 
     Up to ``LOCAL_STATS_ROWS`` input rows the driver reads the files once (the spec's columns only),
-    splits them and puts each side in the object store as ``blocks`` blocks: the epochs then stream from
-    memory, and no epoch starts Ray Data's Parquet listing tasks and footer-reading actors again
-    (processes that cost a small table's epoch many times its training steps). Larger inputs are
-    read lazily by Ray Data, a streaming pass per epoch."""
+    splits them, and puts each worker's slice of each side in the object store: a worker takes its
+    tables by reference (no copy on its own node), and no epoch starts Ray Data's split coordinators,
+    Parquet listing tasks or footer-reading actors (processes that cost a small table's whole training
+    many times over). Larger inputs are read lazily by Ray Data, a streaming pass per epoch, split
+    across the workers by Ray Train."""
     if data.rows <= LOCAL_STATS_ROWS:
-        return _split_on_the_driver(data, spec, val_fraction, blocks)
+        return _shards_on_the_driver(data, spec, val_fraction, workers)
     ds = read_dataset(data, spec)
     ids = list(spec.id_columns)
     train = ds.map_batches(_SplitFilter(ids, val_fraction, False), batch_format="pyarrow", zero_copy_batch=True)
@@ -71,9 +82,9 @@ def split_datasets(data: InputData, spec: FeatureSpec, val_fraction: float, bloc
     return train, valid
 
 
-def _split_on_the_driver(data: InputData, spec: FeatureSpec, val_fraction: float, blocks: int):
+def split_tables(data: InputData, spec: FeatureSpec, val_fraction: float) -> tuple[pa.Table, pa.Table]:
+    """(train, validation) tables of the spec's columns, read on the driver, each file once."""
     import pyarrow.parquet as pq
-    import ray.data
 
     fs, sides = data.filesystem(), {False: [], True: []}
     for f in data.files:
@@ -86,14 +97,22 @@ def _split_on_the_driver(data: InputData, spec: FeatureSpec, val_fraction: float
         sides[True].append(table.filter(pa.array(mask)))
         sides[False].append(table.filter(pa.array(~mask)))
 
-    def dataset(parts: list[pa.Table]):
-        whole = pa.concat_tables(parts, promote_options="permissive").combine_chunks()
-        step = max(1, -(-whole.num_rows // max(1, blocks)))
-        # from_blocks takes each block's metadata here; from_arrow asks a remote task per block for it,
-        # and on a fresh instance that task's worker process start alone cost 4 s
-        return ray.data.from_blocks([whole.slice(i, step) for i in range(0, max(whole.num_rows, 1), step)])
+    def whole(parts: list[pa.Table]) -> pa.Table:
+        return pa.concat_tables(parts, promote_options="permissive").combine_chunks()
 
-    return dataset(sides[False]), dataset(sides[True])
+    return whole(sides[False]), whole(sides[True])
+
+
+def _shards_on_the_driver(data: InputData, spec: FeatureSpec, val_fraction: float, workers: int) -> WorkerShards:
+    import ray
+
+    refs, rows = {}, {}
+    for name, table in zip(("train", "valid"), split_tables(data, spec, val_fraction), strict=True):
+        n = table.num_rows
+        cuts = [n * i // workers for i in range(workers + 1)]
+        refs[name] = [ray.put(table.slice(a, b - a)) for a, b in zip(cuts, cuts[1:], strict=False)]
+        rows[name] = n
+    return WorkerShards(refs, rows)
 
 
 def read_split_samples(data: InputData, spec: FeatureSpec, val_fraction: float, val_limit: int, train_limit: int):

@@ -6,7 +6,8 @@ Phases per worker (``train_loop_per_worker(config)``, config a plain dict from :
    wrap the model for DDP (``ray.train.torch.prepare_model``: gloo on CPU, NCCL on GPU), AdamW;
 2. **resume** -- if Ray Train hands back a checkpoint (after a worker failure, or a re-run with
    ``--resume``), restore weights, optimizer, best weights, early-stopping state and the epoch;
-3. **epochs** -- the shard of "train" (``get_dataset_shard``, Arrow batches, local shuffle) encoded
+3. **epochs** -- the worker's rows of "train" (its Arrow table from the object store, shuffled each pass,
+   for inputs the driver holds; else its ``get_dataset_shard``, Arrow batches, local shuffle) encoded
    with :class:`~pipeline.core.codec.TableCodec`, one :func:`~pipeline.core.training.train_step_sums` per
    batch (the same step as the in-memory loop); then the shard of "valid" through
    :func:`~pipeline.core.training.evaluate`; sums all-reduced across workers, so every worker sees the
@@ -29,7 +30,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,12 @@ class LoopConfig:
     # checkpoint a moment after its files are written, so a killed driver can leave files newer than its
     # snapshot; the worker resumes from whichever of the two is the later epoch.
     resume_from: str | None = None
+    # inputs the driver holds: {"train": [ref per rank], "valid": [...]}, ObjectRefs of Arrow tables (None:
+    # the datasets Ray Train splits). Kept out of asdict, which would deep-copy the references.
+    shards: dict[str, list] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(replace(self, shards=None)) | {"shards": self.shards}
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -203,6 +207,26 @@ def exact_split_config():
 
 
 # ---- the worker loop -----------------------------------------------------------------------------
+class TableShard:
+    """A worker's rows of one side as one Arrow table (from the object store): Arrow batches of
+    ``batch_size`` rows, in table order or in a permutation drawn from ``local_shuffle_seed`` (the
+    keywords of ``DataIterator.iter_batches``). A full shuffle of the shard, where a streamed shard gets
+    a local shuffle buffer."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, local_shuffle_seed: int | None = None, **_):
+        n = self.table.num_rows
+        if local_shuffle_seed is None:
+            for i in range(0, n, batch_size):
+                yield self.table.slice(i, batch_size)
+            return
+        order = np.random.default_rng(local_shuffle_seed).permutation(n)
+        for i in range(0, n, batch_size):
+            yield self.table.take(order[i : i + batch_size])
+
+
 class _DistributedLoss(torch.nn.Module):
     """forward = VAE.loss, so DDP's gradient hooks see the loss computation."""
 
@@ -367,8 +391,13 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint of epoch {meta['epoch']}", flush=True)
     torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)  # reparameterisation noise per rank
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    if cfg.shards is not None:
+        import ray
+
+        train_shard, valid_shard = (TableShard(ray.get(cfg.shards[side][rank])) for side in ("train", "valid"))
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        valid_shard = ray.train.get_dataset_shard("valid")
     names = [f.name for f in families]
     stopped = bool(history and history[-1].get("stop"))
     budget = cfg.cache_mb * 2**20

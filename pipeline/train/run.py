@@ -24,20 +24,21 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.core.artifact import publish_model
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
 from pipeline.core.model import VAE, VAEConfig, sized_config
-from pipeline.core.reference import baseline_summary, reference_scores
+from pipeline.core.reference import baseline_summary, fit_baseline, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import TrainConfig, passes_per_epoch
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
 from pipeline.runtime import init_ray
-from pipeline.train.data import read_split_samples, split_datasets, statistics_pass
+from pipeline.train.data import WorkerShards, read_split_samples, split_inputs, statistics_pass
 from pipeline.train.loop import LoopConfig, exact_split_config, final_weights, load_state, newest_checkpoint
 from schemas.feature_spec import FeatureSpec, load_spec
 
@@ -246,7 +247,12 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
 
     from pipeline.train.loop import train_loop_per_worker
 
-    train_ds, valid_ds = split_datasets(data, spec, run["val_fraction"], blocks=4 * opts.workers)
+    sides = split_inputs(data, spec, run["val_fraction"], opts.workers)
+    if isinstance(sides, WorkerShards):  # the driver holds the inputs: each worker takes its tables by reference
+        shards, ingest = sides.refs, {}
+    else:  # streamed by Ray Data, split across the workers by Ray Train
+        shards, ingest = None, {"datasets": dict(zip(("train", "valid"), sides, strict=True)),
+                                "dataset_config": exact_split_config()}  # fmt: skip
     loop = LoopConfig(
         spec=run["spec"],
         families=run["families"],
@@ -259,6 +265,7 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
         threads=opts.cpus_per_worker,
         failure_hook=FailureHook.from_env(marker=storage.join(ckpt_dir, FAILURE_MARKER)).to_dict(),
         resume_from=newest_checkpoint(storage.join(ckpt_dir, RUN_NAME)) if opts.resume else None,
+        shards=shards,
     )
     resources = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker} if opts.gpus_per_worker else {})
     kwargs: dict[str, Any] = {"storage_path": ckpt_dir}
@@ -278,8 +285,7 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             **kwargs,
         ),
-        datasets={"train": train_ds, "valid": valid_ds},
-        dataset_config=exact_split_config(),
+        **ingest,
     )
     try:
         result = trainer.fit()
@@ -299,23 +305,33 @@ def train(opts: TrainOptions, run: dict[str, Any], data: InputData, spec: Featur
     return {"tensors": tensors, "meta": meta}
 
 
-def reference(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, model: VAE) -> tuple[dict, dict]:
-    """Reference distribution of validation elbo / log_marginal, and the independent baseline."""
-    codec = TableCodec(spec, model.families)
+def samples_and_baseline(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec):
+    """The encoded validation and training samples (``read_split_samples``) and the independent-columns
+    baseline fitted on them: needs the fitted families only, so it runs on the driver while the workers
+    train."""
+    families = families_from_json(run["families"])
+    codec = TableCodec(spec, families)
     valid_rows, train_rows = read_split_samples(
         data, spec, run["val_fraction"], opts.reference_rows, opts.baseline_rows
     )
-    valid = codec.encode(valid_rows)
+    valid, train_sample = codec.encode(valid_rows), codec.encode(train_rows)
+    return valid, train_sample, fit_baseline(families, train_sample, valid)
+
+
+def reference(opts: TrainOptions, run: dict, model: VAE, early) -> tuple[dict, dict]:
+    """Reference distribution of validation elbo / log_marginal, and the independent baseline beside the
+    model's numbers (``early``: what ``samples_and_baseline`` returned)."""
+    valid, train_sample, fitted = early
     ref = reference_scores(model, valid, opts.mc_samples, opts.iw_samples, seed=run["train_config"]["seed"])
-    return ref, baseline_summary(model, codec.encode(train_rows), valid, ref)
+    return ref, baseline_summary(model, train_sample, valid, ref, fitted=fitted)
 
 
-def save(opts: TrainOptions, run: dict, data: InputData, spec: FeatureSpec, out: dict) -> str:
+def save(opts: TrainOptions, run: dict, spec: FeatureSpec, out: dict, early) -> str:
     tensors, meta = out["tensors"], out["meta"]
     model = VAE(families_from_json(run["families"]), VAEConfig.from_dict(run["model_config"]))
     model.load_state_dict(final_weights(tensors))
     model.eval()
-    ref, baseline = reference(opts, run, data, spec, model)
+    ref, baseline = reference(opts, run, model, early)
     history = meta["history"]
     if history[-1]["invalid_cells"]:
         log.warning(
@@ -369,14 +385,18 @@ def run_training(opts: TrainOptions) -> TrainResult:
         run_meta = new_run(opts, spec, data)
         storage.write_text(storage.join(ckpt_dir, RUN_META), json.dumps(run_meta, indent=1))
     lap("statistics")
-    out = train(opts, run_meta, data, spec, ckpt_dir)
-    lap("train")
+    # the samples and the baseline need the statistics only: the driver computes them while the workers train
+    with ThreadPoolExecutor(1, thread_name_prefix="vaepipe-baseline") as pool:
+        early = pool.submit(samples_and_baseline, opts, run_meta, data, spec)
+        out = train(opts, run_meta, data, spec, ckpt_dir)
+        lap("train")
+        early = early.result()
     history = out["meta"]["history"]
     resumes = out["meta"].get("resumed_at_epochs") or [0]
     first = resumes[-1] if opts.resume else 0  # the epochs this invocation trained
     timings["epochs"] = sum(h.get("epoch_seconds", 0.0) for h in history if h["epoch"] >= first)
     timings["train_start_and_end"] = timings["train"] - timings["epochs"]
-    model_id = save(opts, run_meta, data, spec, out)
+    model_id = save(opts, run_meta, spec, out, early)
     lap("reference_baseline_save")
     if not opts.keep_checkpoints:
         release_checkpoint_dir(ckpt_dir)
