@@ -7,6 +7,7 @@ the artifact). See the README, "How it fits together".
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from pipeline import summary
@@ -50,6 +51,12 @@ def build_parser():
     )  # fmt: skip
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping on validation elbo (0: off)")
+    g.add_argument(
+        "--linear-start", action=argparse.BooleanOptionalAction, default=d.linear_start,
+        help="train the linear paths alone first (factor analysis with the columns' likelihoods) until validation "
+        "stalls or half the epochs are spent, then the whole model (needs --patience > 0)",
+    )  # fmt: skip
+    g.add_argument("--linear-lr", type=float, default=d.linear_lr, help="AdamW learning rate of the linear start")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of records (by id hash) held out")
     g.add_argument(

@@ -52,7 +52,7 @@ from pipeline.core.codec import EncodedBatch, TableCodec, fit_families, merge_st
 from pipeline.core.model import VAE, sized_config
 from pipeline.core.reference import baseline_summary, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
-from pipeline.core.training import evaluate, kl_weight, make_optimizer, train_step
+from pipeline.core.training import Phases, evaluate, kl_weight, make_optimizer, train_step
 from pipeline.errors import InputDataError, UsageError, VaepipeError
 from pipeline.io.inputs import preflight
 from schemas.feature_spec import FeatureSpec, load_spec
@@ -322,12 +322,14 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
     codec = TableCodec(spec, families)
     vae = VAE(families, mcfg)
     optimizer = make_optimizer(vae, tcfg)
+    phases = Phases(tcfg, vae)
+    phases.start(vae, optimizer, fresh=True)
     train_enc, valid_enc = codec.encode(train_table), codec.encode(valid_table)
     torch.manual_seed(tcfg.seed * 1_000_003)
     gen = torch.Generator().manual_seed(tcfg.seed)
     names = [f.name for f in families]
     history: list[dict[str, Any]] = []
-    best_val, stale, best = -float("inf"), 0, None
+    best = None
     for epoch in range(tcfg.epochs):
         beta = kl_weight(epoch, tcfg.kl_warmup_epochs)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -345,14 +347,14 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
             epoch, beta, (n, recon, kl, len(train_enc.invalid)), val, len(valid_enc), seconds, cpu_seconds,
             time.perf_counter() - t0, names,
         )  # fmt: skip
-        if beta >= 1.0:  # early stopping on validation elbo once the KL weight is 1, as the job's loop
-            if row["val_elbo"] > best_val:
-                best_val, stale = row["val_elbo"], 0
-                best = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-            else:
-                stale += 1
-        row["best"] = stale == 0 and beta >= 1.0
-        row["stop"] = bool(tcfg.patience and stale >= tcfg.patience)
+        # early stopping on validation elbo once the KL weight is 1, and the linear start, as the job's loop
+        row["linear"] = phases.linear
+        improved, switch, row["stop"] = phases.update(epoch, row["val_elbo"], beta)
+        if improved:
+            best = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+        if switch:
+            phases.open(vae, optimizer, best)
+        row["best"] = improved
         history.append(row)
         if verbose:
             print(progress_line(row, tcfg.epochs), flush=True)
@@ -360,6 +362,7 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
             break
     if best is not None:
         vae.load_state_dict(best)
+    vae.nonlinear = True
     vae.eval()
 
     # ---- reference scores and baseline, on the job's rows: the first of each side in input order ----

@@ -337,3 +337,75 @@ def test_stacked_evaluation_is_each_column_by_itself():
     views = [f.encoder_input(batch.values[:, j]) * batch.observed[:, j : j + 1] for j, f in enumerate(families)]
     want_x = torch.cat([*views, batch.observed.float()], -1)
     torch.testing.assert_close(model.encoder_input(batch.values, batch.observed), want_x, rtol=0, atol=0)
+
+
+# ---- the linear start ------------------------------------------------------------------------------
+def test_phases_switch_after_patience_or_half_the_epochs_and_need_early_stopping():
+    from pipeline.core.training import Phases
+
+    spec, table = _mixed_table()
+    model, _ = _untrained(spec, table)
+    cfg = TrainConfig(epochs=20, patience=2, kl_warmup_epochs=1)
+    p = Phases(cfg, model)
+    assert p.linear and p.linear_epochs == 10
+    # epoch 0 (beta < 1) never counts; the linear phase ends after 2 epochs without improvement
+    assert p.update(0, 5.0, 0.5) == (False, False, False)
+    assert p.update(1, 1.0, 1.0) == (True, False, False)
+    assert p.update(2, 0.5, 1.0) == (False, False, False)
+    assert p.update(3, 0.9, 1.0) == (False, True, False) and not p.linear and p.stale == 0
+    # the full phase keeps the best so far and stops after its own patience
+    assert p.update(4, 0.8, 1.0) == (False, False, False)
+    assert p.update(5, 1.5, 1.0) == (True, False, False)
+    assert p.update(6, 1.0, 1.0) == (False, False, False)
+    assert p.update(7, 1.0, 1.0) == (False, False, True)
+    # always improving: the linear phase still ends at half the epochs
+    q = Phases(cfg, model)
+    switched = [q.update(e, float(e), 1.0)[1] for e in range(12)]
+    assert switched.index(True) == 9 and sum(switched) == 1
+    # no early stopping (patience 0), no linear paths, or the option off: trained whole from the start
+    assert not Phases(TrainConfig(epochs=20, patience=0), model).linear
+    assert not Phases(TrainConfig(epochs=20, linear_start=False), model).linear
+    flat = VAE(model.families, VAEConfig(latent_dim=2, hidden=(8,), linear_skip=False))
+    assert not Phases(cfg, flat).linear
+
+
+def test_linear_phase_is_the_linear_paths_alone_with_every_parameter_in_the_graph():
+    from pipeline.core.training import Phases, make_optimizer
+
+    spec, table = _mixed_table()
+    families = fit_families(spec, partial_stats(spec, table))
+    batch = TableCodec(spec, families).encode(table)
+    torch.manual_seed(0)
+    model = VAE(families, VAEConfig(latent_dim=3, hidden=(16, 16)))
+    opt = make_optimizer(model, TrainConfig())
+    Phases(TrainConfig(epochs=10, patience=3), model).start(model, opt, fresh=True)
+    assert not model.nonlinear and all(float(h.weight.abs().sum()) == 0 for h in model.nonlinear_heads())
+    assert opt.param_groups[0]["lr"] == TrainConfig().linear_lr
+    z = torch.randn(5, len(batch), 3)
+    before = model.generative(z)
+    q_before = model.inference(batch.values, batch.observed)
+    with torch.no_grad():  # the MLPs' own weights change nothing while they are gated off
+        for p in [*model.decoder.parameters(), *model.encoder.parameters()]:
+            p.add_(torch.randn_like(p))
+    torch.testing.assert_close(model.generative(z), before)
+    for a, b in zip(model.inference(batch.values, batch.observed), q_before, strict=True):
+        torch.testing.assert_close(a, b)
+    # a step reaches every parameter (DDP reduces them all), and the gated heads stay at zero
+    model.train()
+    opt.zero_grad()
+    model.loss(batch).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert all(float(h.weight.abs().sum()) == 0 for h in model.nonlinear_heads())
+    # the gate open: the MLPs' outputs count again
+    model.nonlinear = True
+    with torch.no_grad():
+        model.heads.weight.normal_()
+    assert not torch.allclose(model.generative(z), before)
+
+
+def test_fit_starts_linear_then_trains_the_whole_model(wine):
+    history = wine["history"]
+    phases = [h["linear"] for h in history]
+    assert phases[0] and not phases[-1] and phases == sorted(phases, reverse=True)  # linear first, then whole
+    assert wine["model"].nonlinear

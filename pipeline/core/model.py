@@ -151,10 +151,18 @@ class VAE(nn.Module):
         if config.var_modulation > 0 and self._spread:
             self.spread_base = nn.Parameter(torch.zeros(self._spread))
         self._layout: dict[str, Layout] = {}  # per device
+        # False while training starts linear (training.Phases): the MLPs' outputs are multiplied by 0, so
+        # the model is its linear paths alone (factor analysis with these likelihoods) and every parameter
+        # still takes part in the graph (DDP reduces all of them). Not stored: a trained model is whole.
+        self.nonlinear = True
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
+
+    def nonlinear_heads(self) -> list[nn.Linear]:
+        """The layers that carry the MLPs' outputs (``nonlinear`` gates them)."""
+        return [self.heads, self.q_head, *([self.mask_q_head] if self.has_mask_encoder else [])]
 
     # ---- inference: x -> q(z|x) -------------------------------------------------------------------
     def layout(self, device: torch.device) -> Layout:
@@ -184,7 +192,9 @@ class VAE(nn.Module):
         encoder (the conditional scores' proposal), where the model has one; else the main encoder."""
         x = self.encoder_input(values, observed).to(self.q_head.weight.dtype)
         prefix = "mask_" if masked and self.has_mask_encoder else ""
-        out = getattr(self, f"{prefix}q_head")(getattr(self, f"{prefix}encoder")(x))
+        head = getattr(self, f"{prefix}q_head")
+        weight = head.weight if self.nonlinear else head.weight * 0.0
+        out = nn.functional.linear(getattr(self, f"{prefix}encoder")(x), weight, head.bias)
         if self.config.linear_skip:
             out = out + getattr(self, f"{prefix}q_skip")(x)
         mean, log_var = out.chunk(2, dim=-1)
@@ -208,7 +218,10 @@ class VAE(nn.Module):
             h = self.decoder(z)
         # the heads' rows taken in the grouped order: the regrouping costs a gather of the small weight
         # matrices, not of the [..., N, P] output
-        out = nn.functional.linear(h, param(self.heads.weight)[lay.head_rows], param(self.heads.bias)[lay.head_rows])
+        weight = param(self.heads.weight)[lay.head_rows]
+        if not self.nonlinear:
+            weight = weight * 0.0
+        out = nn.functional.linear(h, weight, param(self.heads.bias)[lay.head_rows])
         if self.config.linear_skip:
             out = out + nn.functional.linear(z, param(self.head_skip.weight)[lay.head_rows])
         if self.config.var_modulation > 0 and self._spread:

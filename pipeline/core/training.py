@@ -3,6 +3,13 @@
 The objective is the negative ELBO per record, -(log p(x|z) - beta * KL), with one reparameterised
 sample per record and beta ramping linearly from 0 to 1 over the warm-up epochs.
 
+Training starts linear (:class:`Phases`): the MLPs' outputs gated off, the model is its linear paths
+alone -- factor analysis with the columns' own likelihoods -- at ``linear_lr``, until the validation elbo
+stalls (or half the epochs are spent); then its best weights are restored, the MLPs join and training goes
+on at ``lr`` with early stopping. The MLPs overfit a small table long before the linear structure is
+learnt (breast cancer, 409 rows: 38.6 nats per held-out record trained whole from the start, 43.8 started
+linear; factor analysis 42.3); on larger tables the start costs epochs, not quality.
+
 An epoch is at least ``min_epoch_steps`` optimizer steps: on a small table it makes several shuffled
 passes over the data (:func:`passes_per_epoch`), so that the same defaults (epochs, warm-up, patience)
 train a 500-row table as well as a million-row one.
@@ -13,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,7 +30,7 @@ from pipeline.core.model import VAE
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # passes over the training data
+    epochs: int = 100  # epochs at most, both phases (early stopping usually ends each sooner)
     batch_size: int = 512  # records per step (per worker under Ray Train)
     lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 1e-4
@@ -32,6 +40,8 @@ class TrainConfig:
     seed: int = 0
     min_epoch_steps: int = 50  # an epoch repeats passes over the data until it has made this many steps
     passes_per_epoch: int | None = None  # None: from min_epoch_steps and the number of training rows
+    linear_start: bool = True  # train the linear paths alone first (Phases); needs VAEConfig.linear_skip
+    linear_lr: float = 1e-2  # the learning rate of the linear phase
 
 
 def passes_per_epoch(cfg: TrainConfig, train_rows: int, workers: int = 1) -> int:
@@ -47,6 +57,63 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
     if warmup_epochs <= 0:
         return 1.0
     return min(1.0, (epoch + 1) / (warmup_epochs + 1))
+
+
+class Phases:
+    """Early stopping on validation elbo, and the linear start: the same decisions in the plain loop, the
+    API's loop and on every Ray Train worker (each sees the same all-reduced validation elbo).
+
+    ``update`` once per epoch counts an epoch without improvement only once the KL weight is 1. The linear
+    phase ends after ``patience`` such epochs or after ``linear_epochs`` (half the epochs); the full phase
+    stops after ``patience``. With ``patience`` 0 (no early stopping) there is no linear phase."""
+
+    def __init__(self, cfg: TrainConfig, model: VAE, best_val: float = -math.inf, stale: int = 0,
+                 linear: bool | None = None):  # fmt: skip
+        self.cfg = cfg
+        # the phases are chosen between on validation: without early stopping the model trains whole from
+        # the start (the full phase, unwatched, overfits a small table from the linear optimum within epochs)
+        on = cfg.linear_start and model.config.linear_skip and cfg.patience > 0
+        self.linear_epochs = cfg.epochs // 2 if on else 0
+        self.linear = self.linear_epochs > 0 if linear is None else linear
+        self.best_val, self.stale = best_val, stale
+
+    def start(self, model: VAE, optimizer: torch.optim.Optimizer, fresh: bool) -> None:
+        """Before the first epoch (of a run, or resumed): the gate as the phase says; a fresh run starting
+        linear zeroes the weights that carry the MLPs' outputs, so that they join smoothly later."""
+        model.nonlinear = not self.linear
+        if self.linear and fresh:
+            with torch.no_grad():
+                for layer in model.nonlinear_heads():
+                    layer.weight.zero_()
+            _set_lr(optimizer, self.cfg.linear_lr)
+
+    def update(self, epoch: int, score: float, beta: float) -> tuple[bool, bool, bool]:
+        """-> (improved: keep these weights as the best, switch: the linear phase ends now, stop)."""
+        improved = False
+        if beta >= 1.0:
+            if score > self.best_val:
+                self.best_val, self.stale, improved = score, 0, True
+            else:
+                self.stale += 1
+        patience = self.cfg.patience
+        switch = self.linear and (bool(patience and self.stale >= patience) or epoch + 1 >= self.linear_epochs)
+        if switch:
+            self.linear, self.stale = False, 0
+        stop = not self.linear and not switch and bool(patience and self.stale >= patience)
+        return improved, switch, stop
+
+    def open(self, model: VAE, optimizer: torch.optim.Optimizer, best: dict[str, Any] | None) -> None:
+        """The linear phase has ended: its best weights back, the MLPs in, the optimizer afresh at ``lr``."""
+        if best is not None:
+            model.load_state_dict(best)
+        model.nonlinear = True
+        optimizer.state.clear()
+        _set_lr(optimizer, self.cfg.lr)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def make_optimizer(model: VAE, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -102,12 +169,14 @@ def iterate_minibatches(batch: EncodedBatch, batch_size: int, generator: torch.G
 
 
 def fit(model: VAE, train: EncodedBatch, cfg: TrainConfig, valid: EncodedBatch | None = None) -> list[dict]:
-    """A plain single-process loop over an in-memory table, with the same step Ray Train uses."""
+    """A plain single-process loop over an in-memory table, with the same step and phases as Ray Train's."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
+    phases = Phases(cfg, model, linear=False if valid is None else None)
+    phases.start(model, opt, fresh=True)
     history = []
-    best, best_state, stale = -float("inf"), None, 0
+    best_state = None
     passes = passes_per_epoch(cfg, len(train))
     for epoch in range(cfg.epochs):
         beta = kl_weight(epoch, cfg.kl_warmup_epochs)
@@ -116,18 +185,20 @@ def fit(model: VAE, train: EncodedBatch, cfg: TrainConfig, valid: EncodedBatch |
             for mb in iterate_minibatches(train, cfg.batch_size, gen):
                 for k, v in train_step(model, opt, mb, beta, cfg.grad_clip).items():
                     tot[k] += v
-        row = {"epoch": epoch, "kl_weight": beta, "train_elbo": (tot["recon"] - tot["kl"]) / tot["n"]}
+        row = {"epoch": epoch, "kl_weight": beta, "linear": phases.linear,
+               "train_elbo": (tot["recon"] - tot["kl"]) / tot["n"]}  # fmt: skip
+        stop = False
         if valid is not None:
             row["val_elbo"] = evaluate(model, [valid])["elbo"]
-            if beta >= 1.0 and cfg.patience:
-                if row["val_elbo"] > best:
-                    best, stale = row["val_elbo"], 0
-                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-                else:
-                    stale += 1
+            improved, switch, stop = phases.update(epoch, row["val_elbo"], beta)
+            if improved and cfg.patience:  # patience 0: the last weights are kept
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            if switch:
+                phases.open(model, opt, best_state)
         history.append(row)
-        if cfg.patience and stale >= cfg.patience:
+        if stop:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.nonlinear = True
     return history

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 from pipeline.core.codec import EncodedBatch, TableCodec, families_from_json
 from pipeline.core.model import VAE, VAEConfig
 from pipeline.core.training import (
+    Phases,
     TrainConfig,
     evaluate,
     iterate_minibatches,
@@ -377,7 +377,8 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(vae, tcfg)
 
     # ---- resume ----
-    start, history, best_val, stale, best, resumes = 0, [], -math.inf, 0, None, []
+    start, history, best, resumes = 0, [], None, []
+    phases = Phases(tcfg, vae)
     state = _newest_state(ray.train.get_checkpoint(), cfg.resume_from)
     if state is not None:
         tensors, meta = state
@@ -385,10 +386,12 @@ def train_loop_per_worker(config: dict) -> None:
         restore_optimizer(optimizer, tensors, meta)
         best = _prefixed(tensors, "best.") or None
         start, history = meta["epoch"] + 1, meta["history"]
-        best_val, stale = meta["best_val_elbo"], meta["stale"]
+        # a checkpoint from before the linear start is of a model trained whole
+        phases = Phases(tcfg, vae, meta["best_val_elbo"], meta["stale"], linear=meta.get("linear", False))
         resumes = [*meta.get("resumed_at_epochs", []), start]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {meta['epoch']}", flush=True)
+    phases.start(vae, optimizer, fresh=state is None)
     torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)  # reparameterisation noise per rank
 
     if cfg.shards is not None:
@@ -495,16 +498,16 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": time.perf_counter() - epoch_start,  # wall clock, validation included
         }
 
-        # early stopping on validation elbo, once the KL weight has reached 1 (mirrors training.fit)
+        # early stopping on validation elbo once the KL weight has reached 1, and the linear start
+        # (training.Phases, as the plain loop); every rank sees the same all-reduced sums, so decides the same
         score = row["val_elbo"] if row["val_elbo"] is not None else row["train_elbo"]
-        if beta >= 1.0:
-            if score > best_val:
-                best_val, stale = score, 0
-                best = {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}
-            else:
-                stale += 1
-        row["best"] = stale == 0 and beta >= 1.0
-        stopped = bool(tcfg.patience and stale >= tcfg.patience)
+        row["linear"] = phases.linear
+        improved, switch, stopped = phases.update(epoch, score, beta)
+        if improved:
+            best = {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}
+        if switch:
+            phases.open(vae, optimizer, best)
+        row["best"] = improved
         row["stop"] = stopped
         history.append(row)
 
@@ -515,8 +518,9 @@ def train_loop_per_worker(config: dict) -> None:
         meta = {
             "epoch": epoch,
             "history": history,
-            "best_val_elbo": best_val,
-            "stale": stale,
+            "best_val_elbo": phases.best_val,
+            "stale": phases.stale,
+            "linear": phases.linear,
             "resumed_at_epochs": resumes,
         }
         if rank == 0:
@@ -540,6 +544,7 @@ def progress_line(row: dict, epochs: int) -> str:
         f"epoch {row['epoch'] + 1:>3}/{epochs}  beta {row['kl_weight']:.2f}  "
         f"train elbo {f(row['train_elbo'])}  val elbo {f(row['val_elbo'])}  "
         f"val kl {f(row['val_kl'])}  {row['rows_per_s']:9,.0f} rows/s  ETA {eta // 60}:{eta % 60:02d}"
+        + ("  linear" if row.get("linear") else "")
         + ("  *" if row.get("best") else "")
         + ("  (early stop)" if row.get("stop") else "")
     )

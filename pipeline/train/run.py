@@ -78,6 +78,8 @@ class TrainOptions:
     kl_warmup_epochs: int = _T.kl_warmup_epochs
     grad_clip: float = _T.grad_clip
     patience: int = _T.patience
+    linear_start: bool = _T.linear_start
+    linear_lr: float = _T.linear_lr
     min_epoch_steps: int = _T.min_epoch_steps
     seed: int = _T.seed
     val_fraction: float = 0.1
@@ -139,6 +141,8 @@ def train_config(opts, train_rows: int, workers: int = 1) -> TrainConfig:
         kl_warmup_epochs=opts.kl_warmup_epochs,
         grad_clip=opts.grad_clip,
         patience=opts.patience,
+        linear_start=opts.linear_start,
+        linear_lr=opts.linear_lr,
         seed=opts.seed,
         min_epoch_steps=opts.min_epoch_steps,
     )
