@@ -379,7 +379,7 @@ def test_linear_phase_is_the_linear_paths_alone_with_every_parameter_in_the_grap
     model = VAE(families, VAEConfig(latent_dim=3, hidden=(16, 16)))
     opt = make_optimizer(model, TrainConfig())
     Phases(TrainConfig(epochs=10, patience=3), model).start(model, opt, fresh=True)
-    assert not model.nonlinear and all(float(h.weight.abs().sum()) == 0 for h in model.nonlinear_heads())
+    assert not model.nonlinear and all(float(h.weight.detach().abs().sum()) == 0 for h in model.nonlinear_heads())
     assert opt.param_groups[0]["lr"] == TrainConfig().linear_lr
     z = torch.randn(5, len(batch), 3)
     before = model.generative(z)
@@ -396,7 +396,7 @@ def test_linear_phase_is_the_linear_paths_alone_with_every_parameter_in_the_grap
     model.loss(batch).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     opt.step()
-    assert all(float(h.weight.abs().sum()) == 0 for h in model.nonlinear_heads())
+    assert all(float(h.weight.detach().abs().sum()) == 0 for h in model.nonlinear_heads())
     # the gate open: the MLPs' outputs count again
     model.nonlinear = True
     with torch.no_grad():

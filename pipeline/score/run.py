@@ -43,7 +43,7 @@ log = logging.getLogger("vaepipe.score")
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
 BLOCKS_PER_ACTOR = 4  # the input is cut into at least this many blocks per actor ...
 MAX_BATCHES_PER_BLOCK = 16  # ... of at most this many batches
-MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this
+MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this (or --batch-size)
 
 
 class ScoringFailed(VaepipeError):
@@ -222,8 +222,8 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
         per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
         if per_block >= batch_size:
             per_block = min(-(-per_block // batch_size), MAX_BATCHES_PER_BLOCK) * batch_size
-        else:
-            batch_size = per_block = max(per_block, MIN_BATCH_ROWS)
+        else:  # never above the batch size asked for
+            batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
         actors = max(1, min(opts.workers, -(-data.rows // per_block)))
         ds = ds.repartition(target_num_rows_per_block=per_block)
         resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
