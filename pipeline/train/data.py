@@ -60,7 +60,6 @@ class WorkerShards:
     ``refs[side][rank]``. Rows are contiguous slices of the driver's split, in file order."""
 
     refs: dict[str, list]  # "train" / "valid" -> one ObjectRef of a pa.Table per worker
-    rows: dict[str, int]  # rows per side, all workers together
 
 
 def split_inputs(data: InputData, spec: FeatureSpec, val_fraction: float, workers: int):
@@ -106,13 +105,11 @@ def split_tables(data: InputData, spec: FeatureSpec, val_fraction: float) -> tup
 def _shards_on_the_driver(data: InputData, spec: FeatureSpec, val_fraction: float, workers: int) -> WorkerShards:
     import ray
 
-    refs, rows = {}, {}
+    refs = {}
     for name, table in zip(("train", "valid"), split_tables(data, spec, val_fraction), strict=True):
-        n = table.num_rows
-        cuts = [n * i // workers for i in range(workers + 1)]
+        cuts = [table.num_rows * i // workers for i in range(workers + 1)]
         refs[name] = [ray.put(table.slice(a, b - a)) for a, b in zip(cuts, cuts[1:], strict=False)]
-        rows[name] = n
-    return WorkerShards(refs, rows)
+    return WorkerShards(refs)
 
 
 def read_split_samples(data: InputData, spec: FeatureSpec, val_fraction: float, val_limit: int, train_limit: int):

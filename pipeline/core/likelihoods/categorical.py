@@ -102,11 +102,14 @@ class Categorical(LabelFamily):
     def encoder_input(self, value):
         return torch.nn.functional.one_hot(value.long(), self.n_classes).float()
 
+    def _logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The bounded float64 logits; a stack's logits beyond a column's vocabulary -inf."""
+        logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
+        return logits if self._pad is None else logits.masked_fill(self._pad, -math.inf)
+
     def params(self, raw: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the classes, vocabulary order, out-of-vocabulary last."""
-        logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
-        if self._pad is not None:
-            logits = logits.masked_fill(self._pad, -math.inf)
+        logits = self._logits(raw)
         if self.oov_mass is None:
             return torch.log_softmax(logits, dim=-1)
         mass = torch.as_tensor(self.oov_mass, dtype=logits.dtype, device=logits.device)
@@ -123,9 +126,7 @@ class Categorical(LabelFamily):
             return torch.gather(logp.expand(*shape, logp.shape[-1]), -1, idx.expand(shape).unsqueeze(-1)).squeeze(-1)
         # params' log-probabilities at the observed class only: the observed logit less the log-normaliser,
         # without the [..., classes] table of log_softmax (the same float64 numbers, a fraction of the work)
-        logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
-        if self._pad is not None:
-            logits = logits.masked_fill(self._pad, -math.inf)
+        logits = self._logits(raw)
         # a stack: each column's out-of-vocabulary class is its own vocabulary size
         oov = idx == (self._n_vocab if self._n_vocab is not None else len(self.vocab))
         shape = torch.broadcast_shapes(logits.shape[:-1], idx.shape)
