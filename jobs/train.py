@@ -40,6 +40,10 @@ def build_parser():
         "--hidden", type=int, nargs="+", default=d.hidden,
         help="MLP widths (default: 128 128, or 64 64 for fewer than 2,000 training rows)",
     )  # fmt: skip
+    g.add_argument(
+        "--prior-components", type=int, default=d.prior_components,
+        help="the prior p(z): a learned mixture of this many Gaussians (1: N(0, I))",
+    )  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="records per step per worker")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
@@ -57,6 +61,10 @@ def build_parser():
         "stalls or half the epochs are spent, then the whole model (needs --patience > 0)",
     )  # fmt: skip
     g.add_argument("--linear-lr", type=float, default=d.linear_lr, help="AdamW learning rate of the linear start")
+    g.add_argument(
+        "--linear-patience", type=int, default=d.linear_patience,
+        help="epochs without improvement that end the linear start (0: --patience)",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of records (by id hash) held out")
     g.add_argument(

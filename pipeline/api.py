@@ -314,8 +314,10 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
     families = fit_families(spec, stats)
     from pipeline.train.run import train_config
 
-    tcfg = train_config(opts, train_table.num_rows)
-    mcfg = sized_config(len(spec.features), train_table.num_rows, opts.latent_dim, opts.hidden)
+    tcfg = train_config(opts, train_table.num_rows, valid_table.num_rows)
+    mcfg = sized_config(
+        len(spec.features), train_table.num_rows, opts.latent_dim, opts.hidden, opts.prior_components
+    )
 
     # ---- train: the job's worker loop with one worker, the whole table shuffled each epoch ----
     torch.manual_seed(tcfg.seed)
@@ -342,7 +344,7 @@ def fit(data: Any, spec: FeatureSpec | dict | str | os.PathLike, *, verbose: boo
                 )
                 n, recon, kl = n + s["n"], recon + s["recon"], kl + s["kl"]
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        val = evaluate(vae, _batches(valid_enc, max(tcfg.batch_size, 4096)))
+        val = evaluate(vae, _batches(valid_enc, max(tcfg.batch_size, 4096)), tcfg.val_samples)
         row = _history_row(
             epoch, beta, (n, recon, kl, len(train_enc.invalid)), val, len(valid_enc), seconds, cpu_seconds,
             time.perf_counter() - t0, names,

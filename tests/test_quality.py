@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import reference_prior
 from sklearn.metrics import average_precision_score
 
 from benchmarks.corruptions import KINDS, NotApplicable, average_precision, corrupt
@@ -193,7 +194,7 @@ def test_conditional_scores_match_a_direct_computation(relation_model):
             for c in range(8):
                 z = mean + torch.exp(0.5 * log_var) * eps[c]
                 col = model.column_log_prob(model.generative(z), batch.values, batch.observed)
-                prior = Normal(0.0, 1.0).log_prob(z.double()).sum(-1)
+                prior = reference_prior(model).log_prob(z.double())
                 lw = col.sum(-1) - col[:, j] + prior - q.log_prob(z.double()).sum(-1)
                 lw_rest.append(lw)
                 lw_all.append(lw + col[:, j])

@@ -7,7 +7,17 @@
   makes one stacked evaluation per group of like features, not one per column);
 * ``loss(batch)``: the negative ELBO with a single reparameterised sample, for training.
 
-Prior p(z) = N(0, I). Missing values are zeroed in the encoder input, flagged in the mask, and
+The prior p(z) is a learned mixture of ``prior_components`` diagonal Gaussians (weights, means and
+variances trained with the rest; 1: N(0, I)). The KL the scores report and training minimises is closed
+form: -log sum_c pi_c exp(-KL(q(z|x) || p_c)), the KL of the joint latent (component c, z) with c's
+posterior q(c|x) at its optimum; it is >= 0 and bounds KL(q(z|x) || p(z)) from above, so elbo = recon - kl
+is still a lower bound on log p(x). log_marginal uses the mixture's exact density. With the linear paths
+alone (the linear start) the model is a mixture of common factor analysers: on the smallest table of the
+quality benchmark (breast cancer, 409 training rows) it gained 3 nats per held-out record over N(0, I) and
+passed a full-covariance Gaussian mixture; on the larger ones 0.2 to 0.5 nats (adult, wine), and
+default_credit 0.5 nats lost (still 3 ahead of the best peer).
+
+Missing values are zeroed in the encoder input, flagged in the mask, and
 excluded from log p(x|z); they are never imputed into a score.
 
 Decoder variances cannot grow to absorb a gross error: for every feature with a spread parameter (the
@@ -74,12 +84,17 @@ def auto_hidden(train_rows: int) -> tuple[int, ...]:
 
 
 def sized_config(
-    n_features: int, train_rows: int, latent_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None
+    n_features: int,
+    train_rows: int,
+    latent_dim: int | None = None,
+    hidden: tuple[int, ...] | list[int] | None = None,
+    prior_components: int | None = None,
 ) -> VAEConfig:
     """The default configuration with the sizes the options give, or those chosen from the table."""
     return VAEConfig(
         latent_dim=latent_dim or auto_latent_dim(n_features),
         hidden=tuple(hidden) if hidden else auto_hidden(train_rows),
+        prior_components=prior_components or VAEConfig.prior_components,
     )
 
 
@@ -95,6 +110,7 @@ class VAEConfig:
     # the masked pass trains an encoder of its own, q(z | x_S), for the conditional scores: the encoder of
     # log_marginal and the decoder learn from whole records only
     mask_encoder: bool = True
+    prior_components: int = 8  # p(z): 1 = N(0, I); C > 1 = a learned mixture of C diagonal Gaussians
 
     def to_dict(self) -> dict:
         return asdict(self) | {"hidden": list(self.hidden)}
@@ -107,6 +123,7 @@ class VAEConfig:
         d.setdefault("train_mask", 0.0)
         d.setdefault("linear_skip", False)
         d.setdefault("mask_encoder", False)
+        d.setdefault("prior_components", 1)
         if "hidden" in d:
             d["hidden"] = tuple(d["hidden"])
         return cls(**d)
@@ -150,6 +167,13 @@ class VAE(nn.Module):
         self._spread = sum(f.spread_index is not None for f in families)
         if config.var_modulation > 0 and self._spread:
             self.spread_base = nn.Parameter(torch.zeros(self._spread))
+        if config.prior_components > 1:
+            # the components start spread over the N(0, I) region (a fixed draw: initial weights elsewhere
+            # are as they would be without them), equal weights, unit variances
+            c, dim = config.prior_components, config.latent_dim
+            self.prior_logits = nn.Parameter(torch.zeros(c))
+            self.prior_mean = nn.Parameter(torch.randn(c, dim, generator=torch.Generator().manual_seed(0)))
+            self.prior_log_var = nn.Parameter(torch.zeros(c, dim))
         self._layout: dict[str, Layout] = {}  # per device
         # False while training starts linear (training.Phases): the MLPs' outputs are multiplied by 0, so
         # the model is its linear paths alone (factor analysis with these likelihoods) and every parameter
@@ -200,6 +224,22 @@ class VAE(nn.Module):
         mean, log_var = out.chunk(2, dim=-1)
         return mean, log_var.clamp(self.config.min_log_var, self.config.max_log_var)
 
+    # ---- the prior ------------------------------------------------------------------------------
+    def kl(self, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+        """[N] closed-form KL of q(z|x) against the prior, float64 (see the module doc for the mixture's)."""
+        if self.config.prior_components <= 1:
+            return kl_standard_normal(mean, log_var)
+        return kl_mixture_bound(mean, log_var, self.prior_logits, self.prior_mean, self.prior_log_var)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) [...], float64, for z [..., D]: exact (the mixture by logsumexp over its components)."""
+        if self.config.prior_components <= 1:
+            return log_standard_normal(z)
+        z = z.double()[..., None, :]  # [..., 1, D]
+        pm, plv = self.prior_mean.double(), self.prior_log_var.double()
+        comp = -0.5 * ((z - pm).pow(2) * torch.exp(-plv) + plv + LOG_2PI).sum(-1)  # [..., C]
+        return torch.logsumexp(comp + torch.log_softmax(self.prior_logits.double(), -1), -1)
+
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
     def generative(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """z [..., N, D] -> the raw parameters of every feature, [..., N, P], in the layout's grouped order
@@ -245,7 +285,7 @@ class VAE(nn.Module):
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         col = self.column_log_prob(self.generative(z), batch.values, batch.observed)
         recon = col.sum(-1)
-        kl = kl_standard_normal(mean, log_var)
+        kl = self.kl(mean, log_var)
         loss = -(recon - kl_weight * kl).mean()
         if self.training and self.config.train_mask > 0:
             seen = batch.observed
@@ -254,7 +294,7 @@ class VAE(nn.Module):
             m_mean, m_log_var = self.inference(batch.values, seen, masked=True)
             zm = m_mean + torch.exp(0.5 * m_log_var) * torch.randn_like(m_mean)
             m_recon = self.column_log_prob(self.generative(zm, frozen=True), batch.values, seen).sum(-1)
-            loss = loss - (m_recon - kl_weight * kl_standard_normal(m_mean, m_log_var)).mean()
+            loss = loss - (m_recon - kl_weight * self.kl(m_mean, m_log_var)).mean()
         return LossOutput(loss, recon.detach(), kl.detach(), col.detach())
 
 
@@ -343,6 +383,15 @@ def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tenso
     """KL(N(mean, exp(log_var)) || N(0, I)), closed form, summed over the latent dims, float64."""
     mean, log_var = mean.double(), log_var.double()
     return 0.5 * (mean.pow(2) + torch.exp(log_var) - 1.0 - log_var).sum(-1)
+
+
+def kl_mixture_bound(mean, log_var, logits, p_mean, p_log_var) -> torch.Tensor:
+    """Closed-form upper bound on KL(q || sum_c pi_c N(mu_c, diag s_c^2)): -log sum_c pi_c exp(-KL(q || p_c)),
+    the KL of the joint latent (c, z) with q(c | x) the optimal responsibilities; >= the KL of z, >= 0."""
+    m, lv = mean.double()[..., None, :], log_var.double()[..., None, :]
+    pm, plv = p_mean.double(), p_log_var.double()
+    kl_c = 0.5 * (plv - lv + (torch.exp(lv) + (m - pm).pow(2)) * torch.exp(-plv) - 1.0).sum(-1)  # [..., C]
+    return -torch.logsumexp(torch.log_softmax(logits.double(), -1) - kl_c, -1)
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ For each record, with q(z|x) = N(mu, diag(sigma^2)) and samples z_s = mu + sigma
 * ``recon_log_density`` = (1/S) sum_{s<S} log p(x | z_s): a Monte Carlo estimate of
   E_q[log p(x|z)], over observed features, in the data's own units;
 * ``column_log_density``: the same average for each feature (NaN where the value is missing);
-* ``kl`` = KL(q(z|x) || N(0, I)), closed form; ``elbo`` = recon_log_density - kl;
+* ``kl`` = KL(q(z|x) || p(z)), closed form (for a mixture prior the KL of the joint latent (component, z),
+  an upper bound: pipeline/core/model.py); ``elbo`` = recon_log_density - kl;
 * ``log_marginal`` = log (1/K) sum_{s<K} p(x|z_s) p(z_s) / q(z_s|x): the importance-weighted bound,
   computed with a running logsumexp over chunks of samples so memory stays bounded for large K.
 
@@ -43,7 +44,7 @@ import torch
 
 from pipeline.core.codec import EncodedBatch, splitmix64
 from pipeline.core.likelihoods.base import LOG_2PI
-from pipeline.core.model import VAE, kl_standard_normal, log_standard_normal
+from pipeline.core.model import VAE
 
 DEFAULT_MC_SAMPLES = 16
 DEFAULT_IW_SAMPLES = 64
@@ -105,7 +106,7 @@ def score_batch(
     n, n_feat = observed.shape
     mean, log_var = model.inference(values, observed)
     std = torch.exp(0.5 * log_var)
-    kl = kl_standard_normal(mean, log_var)
+    kl = model.kl(mean, log_var)
 
     total = max(mc_samples, iw_samples)
     chunk = max(1, SAMPLE_ROWS_PER_PASS // max(n, 1))
@@ -122,7 +123,7 @@ def score_batch(
         if first < iw_samples:
             k = min(last, iw_samples) - first
             log_q = -0.5 * (eps[:k].double().pow(2) + LOG_2PI).sum(-1) - log_det
-            log_w = col[:k].sum(-1) + log_standard_normal(z[:k]) - log_q
+            log_w = col[:k].sum(-1) + model.log_prior(z[:k]) - log_q
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
 
     column = col_sum / mc_samples
@@ -173,7 +174,7 @@ def conditional_log_density(model: VAE, batch: EncodedBatch, samples: int = DEFA
             z = mean + std * eps
             col = model.column_log_prob(model.generative(z), values, observed)  # [C, N, F]
             log_q = -0.5 * (eps.double().pow(2) + LOG_2PI).sum(-1) - log_det
-            log_w_rest = col.sum(-1) - col[..., j] + log_standard_normal(z) - log_q
+            log_w_rest = col.sum(-1) - col[..., j] + model.log_prior(z) - log_q
             lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(log_w_rest, 0))
             lse_all = torch.logaddexp(lse_all, torch.logsumexp(log_w_rest + col[..., j], 0))
         out[:, j] = torch.where(rows, lse_all - lse_rest, out[:, j])

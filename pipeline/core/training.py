@@ -42,6 +42,8 @@ class TrainConfig:
     passes_per_epoch: int | None = None  # None: from min_epoch_steps and the number of training rows
     linear_start: bool = True  # train the linear paths alone first (Phases); needs VAEConfig.linear_skip
     linear_lr: float = 1e-2  # the learning rate of the linear phase
+    linear_patience: int = 10  # epochs without improvement that end the linear phase (0: ``patience``)
+    val_samples: int | None = None  # samples of z per validation record; None: from the validation rows
 
 
 def passes_per_epoch(cfg: TrainConfig, train_rows: int, workers: int = 1) -> int:
@@ -50,6 +52,19 @@ def passes_per_epoch(cfg: TrainConfig, train_rows: int, workers: int = 1) -> int
         return cfg.passes_per_epoch
     steps = max(1, math.ceil(train_rows / (cfg.batch_size * max(workers, 1))))
     return max(1, math.ceil(cfg.min_epoch_steps / steps))
+
+
+VAL_SAMPLE_ROWS = 2048  # validation records x samples of z per epoch, at least (up to MAX_VAL_SAMPLES samples)
+MAX_VAL_SAMPLES = 32
+
+
+def val_samples(cfg: TrainConfig, val_rows: int) -> int:
+    """Samples of z per validation record: a small validation set is averaged over several, so that early
+    stopping follows the model rather than the noise of one draw (57 validation records, one sample: the
+    elbo moves by 1-2 nats from epoch to epoch at a standstill and the linear phase stops at a lucky draw)."""
+    if cfg.val_samples:
+        return cfg.val_samples
+    return int(min(MAX_VAL_SAMPLES, max(1, math.ceil(VAL_SAMPLE_ROWS / max(val_rows, 1)))))
 
 
 def kl_weight(epoch: int, warmup_epochs: int) -> float:
@@ -64,8 +79,10 @@ class Phases:
     API's loop and on every Ray Train worker (each sees the same all-reduced validation elbo).
 
     ``update`` once per epoch counts an epoch without improvement only once the KL weight is 1. The linear
-    phase ends after ``patience`` such epochs or after ``linear_epochs`` (half the epochs); the full phase
-    stops after ``patience``. With ``patience`` 0 (no early stopping) there is no linear phase."""
+    phase ends after ``linear_patience`` such epochs or after ``linear_epochs`` (half the epochs); the full
+    phase stops after ``patience``. The linear phase is given longer: it climbs slowly and steadily (it
+    cannot overfit much), while the whole model's climb is quick and its overfitting quicker.
+    With ``patience`` 0 (no early stopping) there is no linear phase."""
 
     def __init__(self, cfg: TrainConfig, model: VAE, best_val: float = -math.inf, stale: int = 0,
                  linear: bool | None = None):  # fmt: skip
@@ -96,7 +113,8 @@ class Phases:
             else:
                 self.stale += 1
         patience = self.cfg.patience
-        switch = self.linear and (bool(patience and self.stale >= patience) or epoch + 1 >= self.linear_epochs)
+        linear_patience = self.cfg.linear_patience or patience
+        switch = self.linear and (self.stale >= linear_patience or epoch + 1 >= self.linear_epochs)
         if switch:
             self.linear, self.stale = False, 0
         stop = not self.linear and not switch and bool(patience and self.stale >= patience)
@@ -145,18 +163,20 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: VAE, batches: Iterable[EncodedBatch]) -> dict[str, float]:
-    """Single-sample ELBO averages over batches (cheap; scoring gives the precise estimates)."""
+def evaluate(model: VAE, batches: Iterable[EncodedBatch], samples: int = 1) -> dict[str, float]:
+    """ELBO averages over batches, each record's averaged over ``samples`` draws of z (cheap; scoring gives
+    the precise estimates)."""
     model.eval()
     n = recon = kl = 0.0
     col = None
     for b in batches:
-        out = model.loss(b)
+        for _ in range(samples):
+            out = model.loss(b)
+            recon += float(out.recon.sum()) / samples
+            kl += float(out.kl.sum()) / samples
+            s = out.column_log_prob.sum(0) / samples
+            col = s if col is None else col + s
         n += len(b)
-        recon += float(out.recon.sum())
-        kl += float(out.kl.sum())
-        s = out.column_log_prob.sum(0)
-        col = s if col is None else col + s
     cols = {} if col is None else {f.name: float(v) / n for f, v in zip(model.families, col, strict=True)}
     return {"elbo": (recon - kl) / n, "recon_log_density": recon / n, "kl": kl / n, "columns": cols}
 
@@ -178,6 +198,7 @@ def fit(model: VAE, train: EncodedBatch, cfg: TrainConfig, valid: EncodedBatch |
     history = []
     best_state = None
     passes = passes_per_epoch(cfg, len(train))
+    samples = val_samples(cfg, 0 if valid is None else len(valid))
     for epoch in range(cfg.epochs):
         beta = kl_weight(epoch, cfg.kl_warmup_epochs)
         tot = {"n": 0, "recon": 0.0, "kl": 0.0}
@@ -189,7 +210,7 @@ def fit(model: VAE, train: EncodedBatch, cfg: TrainConfig, valid: EncodedBatch |
                "train_elbo": (tot["recon"] - tot["kl"]) / tot["n"]}  # fmt: skip
         stop = False
         if valid is not None:
-            row["val_elbo"] = evaluate(model, [valid])["elbo"]
+            row["val_elbo"] = evaluate(model, [valid], samples)["elbo"]
             improved, switch, stop = phases.update(epoch, row["val_elbo"], beta)
             if improved and cfg.patience:  # patience 0: the last weights are kept
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}

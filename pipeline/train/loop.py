@@ -269,7 +269,7 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def validation_sums(vae: VAE, batches) -> tuple[int, dict[str, float]]:
+def validation_sums(vae: VAE, batches, samples: int = 1) -> tuple[int, dict[str, float]]:
     """Rows and sums of recon, kl and per-column log-density over encoded validation batches, through
     the same ``evaluate`` as the in-memory loop (which returns averages)."""
     counter = [0]
@@ -280,7 +280,7 @@ def validation_sums(vae: VAE, batches) -> tuple[int, dict[str, float]]:
             yield b
 
     try:
-        val = evaluate(vae, counted())
+        val = evaluate(vae, counted(), samples)
     except ZeroDivisionError:  # this worker's shard had no validation rows this epoch
         if counter[0]:
             raise
@@ -461,9 +461,11 @@ def train_loop_per_worker(config: dict) -> None:
         invalid = train_cache.invalid
 
         if cached:
-            vn, vsums = validation_sums(vae, valid_cache.minibatches(val_batch, None))
+            vn, vsums = validation_sums(vae, valid_cache.minibatches(val_batch, None), tcfg.val_samples or 1)
         else:
-            vn, vsums = validation_sums(vae, stream(valid_shard, valid_cache, val_batch, None))
+            vn, vsums = validation_sums(
+                vae, stream(valid_shard, valid_cache, val_batch, None), tcfg.val_samples or 1
+            )
         fits = float(budget > 0 and train_cache.fits and valid_cache.fits)
         sums = _all_reduce(
             [n, float(recon), float(kl), invalid, vn, vsums["recon"], vsums["kl"], train_seconds, fits,

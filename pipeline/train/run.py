@@ -33,7 +33,7 @@ from pipeline.core.codec import TableCodec, families_from_json, families_to_json
 from pipeline.core.model import VAE, VAEConfig, sized_config
 from pipeline.core.reference import baseline_summary, fit_baseline, reference_scores
 from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
-from pipeline.core.training import TrainConfig, passes_per_epoch
+from pipeline.core.training import TrainConfig, passes_per_epoch, val_samples
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
 from pipeline.io.inputs import InputData, preflight
@@ -71,6 +71,7 @@ class TrainOptions:
     max_failures: int = 2
     latent_dim: int | None = None  # None: auto_latent_dim(number of features)
     hidden: list[int] | None = None  # None: auto_hidden(training rows)
+    prior_components: int = VAEConfig.prior_components  # p(z): 1 = N(0, I), more = a learned mixture
     epochs: int = _T.epochs
     batch_size: int = _T.batch_size
     lr: float = _T.lr
@@ -80,6 +81,7 @@ class TrainOptions:
     patience: int = _T.patience
     linear_start: bool = _T.linear_start
     linear_lr: float = _T.linear_lr
+    linear_patience: int = _T.linear_patience
     min_epoch_steps: int = _T.min_epoch_steps
     seed: int = _T.seed
     val_fraction: float = 0.1
@@ -104,13 +106,15 @@ class TrainOptions:
 
     def check_values(self) -> None:
         """The checks on the values alone (no paths): what the in-process API applies too."""
-        positive = ("workers", "cpus_per_worker", "latent_dim", "epochs", "batch_size", "reference_rows", "mc_samples")
+        positive = ("workers", "cpus_per_worker", "latent_dim", "prior_components", "epochs", "batch_size",
+                    "reference_rows", "mc_samples")  # fmt: skip
         for name in positive:
             if name == "latent_dim" and self.latent_dim is None:  # chosen from the table
                 continue
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "iw_samples", "baseline_rows")
+        non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "linear_patience", "iw_samples",
+                        "baseline_rows")  # fmt: skip
         for name in (*non_negative, "shuffle_buffer", "cache_mb", "min_epoch_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
@@ -130,9 +134,10 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (setup, ray, statistics, ...)
 
 
-def train_config(opts, train_rows: int, workers: int = 1) -> TrainConfig:
+def train_config(opts, train_rows: int, val_rows: int, workers: int = 1) -> TrainConfig:
     """The TrainConfig of a run's options (TrainOptions, or the API's options of the same names), with the
-    passes per epoch that min_epoch_steps asks of this many training rows and workers."""
+    passes per epoch that min_epoch_steps asks of this many training rows and workers, and the samples per
+    validation record that this many validation rows get."""
     tcfg = TrainConfig(
         epochs=opts.epochs,
         batch_size=opts.batch_size,
@@ -143,10 +148,12 @@ def train_config(opts, train_rows: int, workers: int = 1) -> TrainConfig:
         patience=opts.patience,
         linear_start=opts.linear_start,
         linear_lr=opts.linear_lr,
+        linear_patience=opts.linear_patience,
         seed=opts.seed,
         min_epoch_steps=opts.min_epoch_steps,
     )
     tcfg.passes_per_epoch = passes_per_epoch(tcfg, train_rows, workers)
+    tcfg.val_samples = val_samples(tcfg, val_rows)
     return tcfg
 
 
@@ -176,12 +183,14 @@ def new_run(opts: TrainOptions, spec: FeatureSpec, data: InputData) -> dict[str,
             "use more data or another --val-fraction",
             file=data.uri,
         )
-    train = train_config(opts, ds.train_rows, opts.workers)
+    train = train_config(opts, ds.train_rows, ds.val_rows, opts.workers)
     return {
         "spec": spec.to_dict(),
         "statistics": ds.stats,
         "families": families_to_json(families),
-        "model_config": sized_config(len(spec.features), ds.train_rows, opts.latent_dim, opts.hidden).to_dict(),
+        "model_config": sized_config(
+            len(spec.features), ds.train_rows, opts.latent_dim, opts.hidden, opts.prior_components
+        ).to_dict(),
         "train_config": asdict(train),
         "val_fraction": opts.val_fraction,
         "shuffle_buffer": opts.shuffle_buffer,
