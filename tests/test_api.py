@@ -198,6 +198,10 @@ def test_fit_refuses_bad_options_and_data():
         api.fit(table, spec, workers=2)
     with pytest.raises(api.UsageError, match="epochs"):
         api.fit(table, spec, epochs=0)
+    with pytest.raises(api.UsageError, match="prior-components"):
+        api.fit(table, spec, prior_components=0)
+    with pytest.raises(api.UsageError, match="linear-patience"):
+        api.fit(table, spec, linear_patience=-1)
     with pytest.raises(api.InputDataError, match="fnlwgt"):
         api.fit(table.drop_columns(["fnlwgt"]), spec)
     with pytest.raises(api.UsageError, match="expected a pyarrow Table"):

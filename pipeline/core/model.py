@@ -14,8 +14,8 @@ posterior q(c|x) at its optimum; it is >= 0 and bounds KL(q(z|x) || p(z)) from a
 is still a lower bound on log p(x). log_marginal uses the mixture's exact density. With the linear paths
 alone (the linear start) the model is a mixture of common factor analysers: on the smallest table of the
 quality benchmark (breast cancer, 409 training rows) it gained 3 nats per held-out record over N(0, I) and
-passed a full-covariance Gaussian mixture; on the larger ones 0.2 to 0.5 nats (adult, wine), and
-default_credit 0.5 nats lost (still 3 ahead of the best peer).
+passed a full-covariance Gaussian mixture; adult and wine 0.1 to 0.8 nats, while default_credit lost 0.5
+to 1.4 nats (still ahead of the best peer).
 
 Missing values are zeroed in the encoder input, flagged in the mask, and
 excluded from log p(x|z); they are never imputed into a score.
