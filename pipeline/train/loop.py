@@ -408,6 +408,7 @@ def train_loop_per_worker(config: dict) -> None:
     cached = False  # True once every rank holds its whole train and valid shards in memory
     ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     val_batch = max(tcfg.batch_size, 4096)
+    val_draws = tcfg.val_samples or 1  # set by the driver from the validation rows (a run from before: 1)
 
     def stream(shard, cache: ShardCache, batch_size: int, shuffle_seed: int | None):
         for table in shard.iter_batches(
@@ -461,11 +462,9 @@ def train_loop_per_worker(config: dict) -> None:
         invalid = train_cache.invalid
 
         if cached:
-            vn, vsums = validation_sums(vae, valid_cache.minibatches(val_batch, None), tcfg.val_samples or 1)
+            vn, vsums = validation_sums(vae, valid_cache.minibatches(val_batch, None), val_draws)
         else:
-            vn, vsums = validation_sums(
-                vae, stream(valid_shard, valid_cache, val_batch, None), tcfg.val_samples or 1
-            )
+            vn, vsums = validation_sums(vae, stream(valid_shard, valid_cache, val_batch, None), val_draws)
         fits = float(budget > 0 and train_cache.fits and valid_cache.fits)
         sums = _all_reduce(
             [n, float(recon), float(kl), invalid, vn, vsums["recon"], vsums["kl"], train_seconds, fits,
