@@ -68,6 +68,16 @@ def _count_lognormal_twin(fam, raw, k):
     return np.log(np.where(lo > mean, g.sf(lo) - g.sf(hi), g.cdf(hi) - g.cdf(lo)))
 
 
+def _count_floor_twin(fam, raw, k):
+    """The bins, the zero's mass capped at the floor and the bins above it rescaled to share the rest."""
+    mean, log_var = (t.item() for t in fam.params(raw))
+    g = stats.norm(loc=mean, scale=math.exp(0.5 * log_var))
+    b0 = (math.log1p(0.5) - fam.loc) / fam.scale
+    p0 = min(ZERO_FLOOR, float(g.cdf(b0)))
+    bins = _count_lognormal_twin(fam, raw, k)
+    return np.where(np.asarray(k) == 0, math.log(p0), bins + math.log1p(-p0) - float(g.logsf(b0)))
+
+
 def _binary_twin(fam, raw, y):
     return stats.bernoulli(special.expit(fam.params(raw).item())).logpmf(y)
 
@@ -92,6 +102,7 @@ POS = Positive("p", loc=-0.5, scale=1.3, zero_fraction=0.0)  # before zero_bound
 POS_BOUND = Positive("pb", loc=1.7, scale=0.2, zero_fraction=0.0, zero_bound=3.7)  # the default without zeros
 COUNT = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0))  # negative binomial (models before the default)
 COUNT_LN = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0), dist="lognormal")  # the default
+COUNT_FLOOR = Count("c", loc=1.0, scale=0.8, log_mean=math.log(4.0), dist="lognormal", zero_floor=True)  # no zeros
 BINARY = Binary("b", ["no", "yes"])
 CAT = Categorical("k", ["a", "b", "c", "d"])  # out-of-vocabulary mass learned (models before Good-Turing)
 CAT_GT = Categorical("k", ["a", "b", "c", "d"], oov_mass=0.03)  # out-of-vocabulary mass from counts
@@ -114,6 +125,8 @@ CASES = [
     Case("count-lognormal", COUNT_LN, [0.0, 0.0], [0, 1, 4, 10, 40, 300], _count_lognormal_twin, "discrete"),
     Case("count-lognormal-tight", COUNT_LN, [0.9, -5.0], [0, 3, 5, 6, 7, 20], _count_lognormal_twin, "discrete"),
     Case("count-lognormal-wide", COUNT_LN, [-0.5, 1.0], [0, 1, 100, 5000], _count_lognormal_twin, "discrete"),
+    Case("count-floor-binding", COUNT_FLOOR, [-1.5, 0.0], [0, 1, 2, 7, 60], _count_floor_twin, "discrete"),
+    Case("count-floor-tight", COUNT_FLOOR, [0.9, -5.0], [0, 3, 5, 6, 7, 20], _count_floor_twin, "discrete"),
     Case("binary-p", BINARY, [0.7], [0, 1], _binary_twin, "discrete"),
     Case("binary-extreme", BINARY, [-14.0], [0, 1], _binary_twin, "discrete"),
     Case("categorical", CAT, [0.5, -1.0, 2.0, 0.0, -3.0], [0, 1, 2, 3, 4], _categorical_twin, "discrete"),
@@ -184,6 +197,7 @@ EXTREMES = [
     (POS, [0.0, 1e300, 1e-300]),  # a zero where training never had one
     (POS_BOUND, [0.0, 1e300, 1e-300]),
     (COUNT, [1e9, 1e15]),
+    (COUNT_FLOOR, [0.0, 1e9, 1e15]),
     (CAT, [4.0]),  # out of vocabulary
     (CAT_GT, [4.0]),
 ]
@@ -282,6 +296,27 @@ def test_zero_without_point_mass_is_charged_by_the_model():
     c = 1000.0
     scaled = Positive("pb", loc=1.7 + math.log(c), scale=0.2, zero_fraction=0.0, zero_bound=3.7 * c)
     assert scaled.log_prob(tight, zero).item() == pytest.approx(lp, rel=1e-9)
+
+
+def test_count_zeros_training_never_had_cost_the_floor():
+    """A count column whose zeros are rarer than 1 in 1,000 caps a zero's mass at the floor, however low
+    the decoder puts the count (an age of 0 cannot pass for an ordinary value); a column with common zeros
+    keeps the plain bins, and the cap needs no more than the column's statistics."""
+    rng = np.random.default_rng(0)
+    ages = np.r_[0, rng.integers(17, 90, 9999)]
+    rare = Count.from_stats("age", Count.partial_stats(pa.array(ages)))
+    kids = Count.from_stats("kids", Count.partial_stats(pa.array(rng.poisson(1.2, 10_000))))
+    assert rare.zero_floor and not kids.zero_floor and rare.dist == "lognormal"
+    zero = torch.tensor([0.0], dtype=torch.float64)
+    below = torch.tensor([[-20.0, -8.0]])  # the decoder sure the count is far below anything seen: p(0) ~ 1
+    assert rare.log_prob(below, zero).item() == pytest.approx(math.log(ZERO_FLOOR), rel=1e-9)
+    assert kids.log_prob(below, zero).item() > -1e-6
+    merged = Count.merge_stats(Count.partial_stats(pa.array(ages[:5000])), Count.partial_stats(pa.array(ages[5000:])))
+    whole, split = rare.state(), Count.from_stats("age", merged).state()
+    assert split.keys() == whole.keys() and split["zero_floor"] is True
+    for k in ("loc", "scale", "log_mean"):
+        assert split[k] == pytest.approx(whole[k], rel=1e-12)
+    assert Count("c", **COUNT_LN.state()).zero_floor is False  # artifacts written before it: plain bins
 
 
 def test_partial_stats_merge_equals_whole():

@@ -12,7 +12,19 @@ The bins tile the real line, so the masses sum to 1 over k = 0, 1, 2, ...: a pro
 respect to counting measure (no Jacobian: counts have no units to rescale). Unlike the negative
 binomial (whose variance is at least its mean) it can be as tight as the data: a count that is
 always 5 or 6, or a count whose zero is many standard deviations below its typical value (an age of
-0), gets the small mass it deserves. ``log(Phi(b) - Phi(a))`` is computed as
+0), gets the small mass it deserves.
+
+**Zeros that training never had.** Where zeros are rarer than ``MIN_ZERO_FRACTION`` (1 in 1,000) of the
+training counts (``zero_floor``), a zero is a recording error (an age of 0, a working week of 0 hours),
+as in the positive family: its mass is at most the floor,
+
+    p(0 | z) = min(ZERO_FLOOR, Phi(b_0)),   p(k | z) = bin_k * (1 - p(0 | z)) / (1 - Phi(b_0))   (k >= 1),
+
+still exactly normalised. Without it a decoder can reach, somewhere in latent space the training data never
+visited, a narrow Gaussian below the smallest count it saw, and a zero there passes for an ordinary value
+costing nothing in its column. Artifacts written before it keep the plain bins.
+
+``log(Phi(b) - Phi(a))`` is computed as
 ``log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b)))`` on the side of the bin nearer the Gaussian's
 lower tail (the upper tail is reflected), so neither tail cancels; a bin narrower than 1e-7 sigma
 gets the density at its midpoint times its width (relative error below 1e-14).
@@ -45,6 +57,7 @@ from pipeline.core.likelihoods.base import (
     moments_partial,
     to_float64,
 )
+from pipeline.core.likelihoods.positive import MIN_ZERO_FRACTION, ZERO_FLOOR
 from pipeline.core.likelihoods.real import MIN_VAR
 
 LOG_MEAN_BOUND = (-15.0, 25.0)
@@ -79,13 +92,22 @@ class Count(Family):
     column_attrs = ("loc", "scale", "log_mean", "min_var")
 
     def __init__(
-        self, name: str, loc: float, scale: float, log_mean: float, dist: str = "negbinom", min_var: float = MIN_VAR
+        self,
+        name: str,
+        loc: float,
+        scale: float,
+        log_mean: float,
+        dist: str = "negbinom",
+        min_var: float = MIN_VAR,
+        zero_floor: bool = False,
     ):
         super().__init__(name)
         if dist not in DISTS:
             raise ValueError(f"count distribution {dist!r} is not one of {DISTS}")
+        if zero_floor and dist != "lognormal":
+            raise ValueError("zero_floor needs the discretised log-normal")
         self.loc, self.scale, self.log_mean = float(loc), float(scale), float(log_mean)
-        self.dist, self.min_var = dist, float(min_var)
+        self.dist, self.min_var, self.zero_floor = dist, float(min_var), bool(zero_floor)
 
     # lognormal: mean and log-variance of v; negbinom: log-mean (offset by the column's), log-dispersion
     n_params = 2
@@ -95,25 +117,34 @@ class Count(Family):
     def partial_stats(column) -> dict[str, Any]:
         x = to_float64(column)
         x = x[np.isfinite(x) & (x >= 0)]
-        return {"log1p": moments_partial(np.log1p(x)), "sum": float(x.sum())}
+        return {"log1p": moments_partial(np.log1p(x)), "sum": float(x.sum()), "zeros": int((x == 0).sum())}
 
     @staticmethod
     def merge_stats(a, b):
-        return {"log1p": moments_merge(a["log1p"], b["log1p"]), "sum": a["sum"] + b["sum"]}
+        return {
+            "log1p": moments_merge(a["log1p"], b["log1p"]),
+            "sum": a["sum"] + b["sum"],
+            "zeros": a.get("zeros", 0) + b.get("zeros", 0),
+        }
 
     @classmethod
     def from_stats(cls, name, stats, **options):
         loc, scale = loc_scale(stats["log1p"])
         n = stats["log1p"]["n"]
         mean = stats["sum"] / n if n else 1.0
-        return cls(name, loc, scale, math.log(max(mean, 1e-3)), **({"dist": "lognormal"} | options))
+        options = {"dist": "lognormal"} | options
+        if options["dist"] == "lognormal" and n and "zero_floor" not in options:
+            options["zero_floor"] = stats.get("zeros", 0) < MIN_ZERO_FRACTION * n
+        return cls(name, loc, scale, math.log(max(mean, 1e-3)), **options)
 
     def group_key(self):
-        return (*super().group_key(), self.dist)
+        return (*super().group_key(), self.dist, self.zero_floor)
 
     def state(self):
         out = {"loc": self.loc, "scale": self.scale, "log_mean": self.log_mean, "dist": self.dist}
-        return out | ({"min_var": self.min_var} if self.dist == "lognormal" else {})
+        if self.dist != "lognormal":
+            return out
+        return out | {"min_var": self.min_var} | ({"zero_floor": True} if self.zero_floor else {})
 
     def encode(self, column) -> EncodedColumn:
         x = to_float64(column)
@@ -153,4 +184,12 @@ class Count(Family):
         exact = log_normal_interval(a, b)
         mid = b - 0.5 * w
         approx = -0.5 * (LOG_2PI + mid * mid) + torch.log(w.clamp_min(1e-300))
-        return torch.where(zero, torch.special.log_ndtr(b), torch.where(narrow, approx, exact))
+        log_bins = torch.where(narrow, approx, exact)
+        if not self.zero_floor:
+            return torch.where(zero, torch.special.log_ndtr(b), log_bins)
+        # the zero's mass capped at the floor; the bins above it share the rest (see the module doc)
+        b0 = (((math.log1p(0.5) - self.loc) / self.scale - mean) * inv_sd).clamp(-V_MAX, V_MAX)
+        log_zero = torch.special.log_ndtr(b0)
+        capped = log_zero.clamp(max=math.log(ZERO_FLOOR))
+        rest = log1mexp(capped) - torch.special.log_ndtr(-b0)
+        return torch.where(zero, capped, log_bins + rest)
