@@ -319,6 +319,54 @@ def test_count_zeros_training_never_had_cost_the_floor():
     assert Count("c", **COUNT_LN.state()).zero_floor is False  # artifacts written before it: plain bins
 
 
+@pytest.mark.parametrize("kind", ["real", "positive", "count"])
+def test_decoder_mean_held_within_the_training_range(kind):
+    """The decoder's mean cannot leave the training values' range widened by one standard deviation (on the
+    column's modelling scale): a raw mean far beyond scores exactly as the bound does, one inside is
+    untouched; the bounds come from the statistics alone, merged or whole, and a rescaled column has the
+    same standardised bounds."""
+    from pipeline.core.likelihoods.base import MEAN_MARGIN
+
+    rng = np.random.default_rng(1)
+    x = {"real": rng.normal(50.0, 10.0, 4000), "positive": rng.lognormal(2.0, 0.4, 4000),
+         "count": rng.poisson(30.0, 4000).astype(float)}[kind]
+    cls = {"real": Real, "positive": Positive, "count": Count}[kind]
+    fam = cls.from_stats("c", cls.partial_stats(pa.array(x)))
+    t = {"real": x, "positive": np.log(x), "count": np.log1p(x)}[kind]
+    assert fam.mean_low == pytest.approx((t.min() - fam.loc) / fam.scale - MEAN_MARGIN, rel=1e-9)
+    assert fam.mean_high == pytest.approx((t.max() - fam.loc) / fam.scale + MEAN_MARGIN, rel=1e-9)
+    parts = [cls.partial_stats(pa.array(c)) for c in np.array_split(x, 5)]
+    merged = parts[0]
+    for q in parts[1:]:
+        merged = cls.merge_stats(merged, q)
+    assert cls.from_stats("c", merged).mean_high == pytest.approx(fam.mean_high, rel=1e-9)
+    assert cls(fam.name, **fam.state()).state() == fam.state()  # stored and rebuilt
+    values = torch.tensor([float(np.median(x))] * 3, dtype=torch.float64)
+    far = torch.zeros(3, fam.n_params, dtype=torch.float64)
+    far[:, 0] = torch.tensor([1e4, fam.mean_high, 0.5 * fam.mean_high], dtype=torch.float64)
+    lp = fam.log_prob(far, values)
+    assert lp[0].item() == pytest.approx(lp[1].item(), rel=1e-12)
+    assert fam.params(far)[0][2].item() == pytest.approx(0.5 * fam.mean_high, rel=1e-12)
+    if kind != "count":
+        scaled = cls.from_stats("c", cls.partial_stats(pa.array(x * 1000.0)))
+        assert scaled.mean_low == pytest.approx(fam.mean_low, rel=1e-9, abs=1e-9)
+        assert scaled.mean_high == pytest.approx(fam.mean_high, rel=1e-9)
+    old = {k: v for k, v in fam.state().items() if k not in ("mean_low", "mean_high")}
+    assert cls("c", **old).params(far)[0][0].item() == 1e4  # artifacts written before the bound
+
+
+def test_stacked_mean_bounds_are_per_column():
+    a = Real("a", 0.0, 1.0, mean_low=-2.0, mean_high=2.0)
+    b = Real("b", 5.0, 2.0, mean_low=-1.0, mean_high=6.0)
+    stack = Real.stack([a, b])
+    raw = torch.tensor([[[9.0, 0.0], [9.0, 0.0]]])  # [1 record, 2 columns, 2 params]
+    values = torch.tensor([[1.0, 7.0]], dtype=torch.float64)
+    got = stack.log_prob(raw, values)[0]
+    for j, fam in enumerate((a, b)):
+        assert got[j].item() == pytest.approx(fam.log_prob(raw[:, j], values[:, j]).item(), rel=1e-12)
+    assert Real("c", 0.0, 1.0).group_key() != a.group_key()
+
+
 def test_partial_stats_merge_equals_whole():
     rng = np.random.default_rng(0)
     x = np.where(rng.random(1000) < 0.3, 0.0, rng.lognormal(1.0, 0.5, 1000))

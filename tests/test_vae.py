@@ -347,7 +347,7 @@ def test_stacked_evaluation_is_each_column_by_itself():
     spec = FeatureSpec.from_dict({"id_columns": ["id"], "features": kinds})
     families = fit_families(spec, partial_stats(spec, table))
     # an older artifact's families beside the new: a negative binomial count, a learned out-of-vocabulary logit
-    families[6] = Count("k2", **{k: v for k, v in families[6].state().items() if k not in ("dist", "min_var")})
+    families[6] = Count("k2", **{k: v for k, v in families[6].state().items() if k in ("loc", "scale", "log_mean")})
     families[9] = Categorical("c9", families[9].vocab)
     # unseen labels, missing values and extreme values in the scored rows
     scored = table.to_pydict()

@@ -173,23 +173,64 @@ def to_labels(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 def moments_partial(x: np.ndarray) -> dict[str, float]:
-    """(n, mean, M2) of the finite values of x, for Chan's parallel merge."""
+    """(n, mean, M2, min, max) of the finite values of x, for Chan's parallel merge."""
     x = x[np.isfinite(x)]
     n = int(x.size)
     if n == 0:
-        return {"n": 0, "mean": 0.0, "m2": 0.0}
+        return {"n": 0, "mean": 0.0, "m2": 0.0, "min": math.inf, "max": -math.inf}
     mean = float(x.mean())
-    return {"n": n, "mean": mean, "m2": float(((x - mean) ** 2).sum())}
+    return {"n": n, "mean": mean, "m2": float(((x - mean) ** 2).sum()), "min": float(x.min()), "max": float(x.max())}
 
 
 def moments_merge(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     n = a["n"] + b["n"]
+    low = min(a.get("min", math.inf), b.get("min", math.inf))
+    high = max(a.get("max", -math.inf), b.get("max", -math.inf))
     if n == 0:
-        return {"n": 0, "mean": 0.0, "m2": 0.0}
+        return {"n": 0, "mean": 0.0, "m2": 0.0, "min": low, "max": high}
     delta = b["mean"] - a["mean"]
     mean = a["mean"] + delta * b["n"] / n
     m2 = a["m2"] + b["m2"] + delta * delta * a["n"] * b["n"] / n
-    return {"n": n, "mean": mean, "m2": m2}
+    return {"n": n, "mean": mean, "m2": m2, "min": low, "max": high}
+
+
+# The decoder's mean of a continuous column (on its standardised modelling scale) is held within the range the
+# training values spanned, widened by this many of the column's standard deviations (:func:`mean_range`).
+MEAN_MARGIN = 1.0
+
+
+def mean_range(m: dict[str, float], loc: float, scale: float) -> tuple[float | None, float | None]:
+    """The standardised bounds of the decoder's mean from merged moments: [(min - loc) / scale - MEAN_MARGIN,
+    (max - loc) / scale + MEAN_MARGIN]; (None, None) where the moments have no range (no values, or
+    statistics from before the range was kept)."""
+    low, high = m.get("min", math.inf), m.get("max", -math.inf)
+    if not (math.isfinite(low) and math.isfinite(high)) or m["n"] == 0:
+        return None, None
+    return (low - loc) / scale - MEAN_MARGIN, (high - loc) / scale + MEAN_MARGIN
+
+
+def mean_bounds(low: float | None, high: float | None) -> tuple[float | None, float | None]:
+    """Both bounds or neither, as floats."""
+    if (low is None) != (high is None):
+        raise ValueError("mean_low and mean_high go together")
+    return (None, None) if low is None else (float(low), float(high))
+
+
+def mean_state(family: Family) -> dict[str, float]:
+    """The bounds for a family's ``state()``, where it has them."""
+    return {} if family.mean_low is None else {"mean_low": family.mean_low, "mean_high": family.mean_high}
+
+
+def bounded_mean(
+    raw: torch.Tensor, low: float | torch.Tensor | None, high: float | torch.Tensor | None
+) -> torch.Tensor:
+    """The decoder's raw mean held within [low, high] (floats, or tensors [G] for a stack); without bounds
+    (a model from before them) within +-1e4, as before."""
+    if low is None:
+        return raw.clamp(-1e4, 1e4)
+    if isinstance(low, torch.Tensor):
+        return torch.minimum(torch.maximum(raw, low), high)
+    return raw.clamp(low, high)
 
 
 def loc_scale(m: dict[str, float]) -> tuple[float, float]:

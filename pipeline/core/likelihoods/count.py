@@ -24,6 +24,10 @@ still exactly normalised. Without it a decoder can reach, somewhere in latent sp
 visited, a narrow Gaussian below the smallest count it saw, and a zero there passes for an ordinary value
 costing nothing in its column. Artifacts written before it keep the plain bins.
 
+The log-normal's mean is held within the range of the training counts' log(1 + k) widened by one
+standard deviation (``mean_low``, ``mean_high``), as in the real family: a count ten times too large (a
+working week of 400 hours) cannot pull the decoder's mean beyond anything the column held.
+
 ``log(Phi(b) - Phi(a))`` is computed as
 ``log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b)))`` on the side of the bin nearer the Gaussian's
 lower tail (the upper tail is reflected), so neither tail cancels; a bin narrower than 1e-7 sigma
@@ -51,8 +55,12 @@ from pipeline.core.likelihoods.base import (
     EncodedColumn,
     Family,
     bounded_log_var,
+    bounded_mean,
     loc_scale,
     log1mexp,
+    mean_bounds,
+    mean_range,
+    mean_state,
     moments_merge,
     moments_partial,
     to_float64,
@@ -89,7 +97,7 @@ def negbinom_log_prob(k: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor
 
 class Count(Family):
     kind = "count"
-    column_attrs = ("loc", "scale", "log_mean", "min_var")
+    column_attrs = ("loc", "scale", "log_mean", "min_var", "mean_low", "mean_high")
 
     def __init__(
         self,
@@ -100,6 +108,8 @@ class Count(Family):
         dist: str = "negbinom",
         min_var: float = MIN_VAR,
         zero_floor: bool = False,
+        mean_low: float | None = None,
+        mean_high: float | None = None,
     ):
         super().__init__(name)
         if dist not in DISTS:
@@ -108,6 +118,9 @@ class Count(Family):
             raise ValueError("zero_floor needs the discretised log-normal")
         self.loc, self.scale, self.log_mean = float(loc), float(scale), float(log_mean)
         self.dist, self.min_var, self.zero_floor = dist, float(min_var), bool(zero_floor)
+        self.mean_low, self.mean_high = mean_bounds(mean_low, mean_high)
+        if self.mean_low is not None and dist != "lognormal":
+            raise ValueError("mean bounds need the discretised log-normal")
 
     # lognormal: mean and log-variance of v; negbinom: log-mean (offset by the column's), log-dispersion
     n_params = 2
@@ -135,16 +148,18 @@ class Count(Family):
         options = {"dist": "lognormal"} | options
         if options["dist"] == "lognormal" and n and "zero_floor" not in options:
             options["zero_floor"] = stats.get("zeros", 0) < MIN_ZERO_FRACTION * n
+            options["mean_low"], options["mean_high"] = mean_range(stats["log1p"], loc, scale)
         return cls(name, loc, scale, math.log(max(mean, 1e-3)), **options)
 
     def group_key(self):
-        return (*super().group_key(), self.dist, self.zero_floor)
+        return (*super().group_key(), self.dist, self.zero_floor, self.mean_low is None)
 
     def state(self):
         out = {"loc": self.loc, "scale": self.scale, "log_mean": self.log_mean, "dist": self.dist}
         if self.dist != "lognormal":
             return out
-        return out | {"min_var": self.min_var} | ({"zero_floor": True} if self.zero_floor else {})
+        floor = {"zero_floor": True} if self.zero_floor else {}
+        return out | {"min_var": self.min_var} | floor | mean_state(self)
 
     def encode(self, column) -> EncodedColumn:
         x = to_float64(column)
@@ -166,7 +181,7 @@ class Count(Family):
         """lognormal: mean and log-variance of v; negbinom: log mean and log dispersion r."""
         raw = raw.double()
         if self.dist == "lognormal":
-            return raw[..., 0].clamp(-1e4, 1e4), bounded_log_var(raw[..., 1], self.min_var)
+            return bounded_mean(raw[..., 0], self.mean_low, self.mean_high), bounded_log_var(raw[..., 1], self.min_var)
         return (raw[..., 0] + self.log_mean).clamp(*LOG_MEAN_BOUND), raw[..., 1].clamp(*LOG_R_BOUND)
 
     def log_prob(self, raw, value):

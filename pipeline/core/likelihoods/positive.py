@@ -29,6 +29,10 @@ where the other measurements say 5.7 mm with a spread of 1% gets the log-normal'
 smallest width ever measured, thousands of nats down, instead of the floor's 27.6; a zero where the
 record's other features make small values plausible still costs at least the floor. Artifacts written
 before ``zero_bound`` existed keep the floor alone.
+
+The mean of v is held within the range of the training values' log (the positive ones) widened by one
+standard deviation (``mean_low``, ``mean_high``), as in the real family and for the same reason: a value
+ten times too large cannot pull the decoder's mean beyond anything the column held.
 """
 
 from __future__ import annotations
@@ -46,10 +50,14 @@ from pipeline.core.likelihoods.base import (
     EncodedColumn,
     Family,
     bounded_log_var,
+    bounded_mean,
     gaussian_log_prob,
     loc_scale,
     log1mexp,
     log_of,
+    mean_bounds,
+    mean_range,
+    mean_state,
     moments_merge,
     moments_partial,
     to_float64,
@@ -63,7 +71,7 @@ MIN_ZERO_FRACTION = 1e-3  # zeros rarer than this are errors: no point mass (see
 class Positive(Family):
     kind = "positive"
     # a stack's columns all have a point mass at 0 or none has, and all have a zero bound or none has
-    column_attrs = ("loc", "scale", "min_var", "zero_bound")
+    column_attrs = ("loc", "scale", "min_var", "zero_bound", "mean_low", "mean_high")
     spread_index = 1
 
     def __init__(
@@ -74,14 +82,17 @@ class Positive(Family):
         zero_fraction: float,
         min_var: float = MIN_VAR,
         zero_bound: float | None = None,
+        mean_low: float | None = None,
+        mean_high: float | None = None,
     ):
         super().__init__(name)
         self.loc, self.scale = float(loc), float(scale)
         self.zero_fraction, self.min_var = float(zero_fraction), float(min_var)
         self.zero_bound = None if zero_bound is None else float(zero_bound)
+        self.mean_low, self.mean_high = mean_bounds(mean_low, mean_high)
 
     def group_key(self):
-        return (*super().group_key(), self.zero_bound is None)
+        return (*super().group_key(), self.zero_bound is None, self.mean_low is None)
 
     @property
     def has_zeros(self) -> bool:
@@ -124,11 +135,12 @@ class Positive(Family):
         fraction = fraction if fraction >= MIN_ZERO_FRACTION else 0.0
         low = stats.get("min", math.inf)
         bound = None if fraction > 0 or not math.isfinite(low) else low
-        return cls(name, loc, scale, fraction, zero_bound=bound, **options)
+        mean_low, mean_high = mean_range(stats["log"], loc, scale)
+        return cls(name, loc, scale, fraction, zero_bound=bound, mean_low=mean_low, mean_high=mean_high, **options)
 
     def state(self):
         out = {"loc": self.loc, "scale": self.scale, "zero_fraction": self.zero_fraction, "min_var": self.min_var}
-        return out | ({"zero_bound": self.zero_bound} if self.zero_bound is not None else {})
+        return out | ({"zero_bound": self.zero_bound} if self.zero_bound is not None else {}) | mean_state(self)
 
     def encode(self, column) -> EncodedColumn:
         x = to_float64(column)
@@ -151,7 +163,8 @@ class Positive(Family):
     def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean and log-variance of v = (log x - loc) / scale, and the logit of P(x = 0)."""
         raw = raw.double()
-        mean, log_var = raw[..., 0].clamp(-1e4, 1e4), bounded_log_var(raw[..., 1], self.min_var)
+        mean = bounded_mean(raw[..., 0], self.mean_low, self.mean_high)
+        log_var = bounded_log_var(raw[..., 1], self.min_var)
         if self.has_zeros:
             logit = raw[..., 2].clamp(-LOGIT_BOUND, LOGIT_BOUND)
         else:
