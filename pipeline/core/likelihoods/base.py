@@ -226,11 +226,7 @@ def bounded_mean(
 ) -> torch.Tensor:
     """The decoder's raw mean held within [low, high] (floats, or tensors [G] for a stack); without bounds
     (a model from before them) within +-1e4, as before."""
-    if low is None:
-        return raw.clamp(-1e4, 1e4)
-    if isinstance(low, torch.Tensor):
-        return torch.minimum(torch.maximum(raw, low), high)
-    return raw.clamp(low, high)
+    return raw.clamp(-1e4, 1e4) if low is None else raw.clamp(low, high)
 
 
 def loc_scale(m: dict[str, float]) -> tuple[float, float]:

@@ -146,9 +146,11 @@ class Count(Family):
         n = stats["log1p"]["n"]
         mean = stats["sum"] / n if n else 1.0
         options = {"dist": "lognormal"} | options
-        if options["dist"] == "lognormal" and n and "zero_floor" not in options:
-            options["zero_floor"] = stats.get("zeros", 0) < MIN_ZERO_FRACTION * n
-            options["mean_low"], options["mean_high"] = mean_range(stats["log1p"], loc, scale)
+        if options["dist"] == "lognormal" and n:
+            options.setdefault("zero_floor", stats.get("zeros", 0) < MIN_ZERO_FRACTION * n)
+            low, high = mean_range(stats["log1p"], loc, scale)
+            options.setdefault("mean_low", low)
+            options.setdefault("mean_high", high)
         return cls(name, loc, scale, math.log(max(mean, 1e-3)), **options)
 
     def group_key(self):
