@@ -101,6 +101,8 @@ def test_mixture_prior_density_and_kl_against_torch_distributions():
     z = torch.randn(7, 30, 3, generator=g, dtype=torch.float64) * 2
     with torch.no_grad():
         torch.testing.assert_close(model.log_prior(z), prior.log_prob(z), rtol=1e-10, atol=1e-10)
+        far = torch.randn(200, 3, generator=g, dtype=torch.float64) * 1e3  # the expanded square stays exact
+        torch.testing.assert_close(model.log_prior(far), prior.log_prob(far), rtol=1e-10, atol=1e-10)
         mean, log_var = torch.randn(30, 3, generator=g) * 1.5, torch.randn(30, 3, generator=g) - 1
         kl = model.kl(mean, log_var)
     torch.testing.assert_close(kl, _reference_kl(model, mean, log_var), rtol=1e-10, atol=1e-10)

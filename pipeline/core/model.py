@@ -235,10 +235,13 @@ class VAE(nn.Module):
         """log p(z) [...], float64, for z [..., D]: exact (the mixture by logsumexp over its components)."""
         if self.config.prior_components <= 1:
             return log_standard_normal(z)
-        z = z.double()[..., None, :]  # [..., 1, D]
+        # sum_d (z_d - m_cd)^2 / v_cd expanded into two [.., D] x [D, C] products: no [..., C, D] tensor
+        z = z.double()
         pm, plv = self.prior_mean.double(), self.prior_log_var.double()
-        comp = -0.5 * ((z - pm).pow(2) * torch.exp(-plv) + plv + LOG_2PI).sum(-1)  # [..., C]
-        return torch.logsumexp(comp + torch.log_softmax(self.prior_logits.double(), -1), -1)
+        prec = torch.exp(-plv)  # [C, D]
+        const = (pm.pow(2) * prec + plv + LOG_2PI).sum(-1) - 2.0 * torch.log_softmax(self.prior_logits.double(), -1)
+        quad = z.pow(2) @ prec.T - 2.0 * (z @ (pm * prec).T)  # [..., C]
+        return torch.logsumexp(-0.5 * (quad + const), -1)
 
     # ---- generative: z -> p(x|z) ----------------------------------------------------------------
     def generative(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
