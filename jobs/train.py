@@ -60,7 +60,12 @@ def build_parser():
         help="train the linear paths alone first (factor analysis with the columns' likelihoods) until validation "
         "stalls or half the epochs are spent, then the whole model (needs --patience > 0)",
     )  # fmt: skip
-    g.add_argument("--linear-lr", type=float, default=d.linear_lr, help="AdamW learning rate of the linear start")
+    g.add_argument("--linear-lr", type=float, default=d.linear_lr, help="AdamW rate the linear start begins at")
+    g.add_argument(
+        "--linear-lr-drops", type=int, default=d.linear_lr_drops,
+        help="times the linear start's learning rate is cut (x0.3) after half of --linear-patience epochs without "
+        "improvement, before --linear-patience ends it",
+    )  # fmt: skip
     g.add_argument(
         "--linear-patience", type=int, default=d.linear_patience,
         help="epochs without improvement that end the linear start (0: --patience)",

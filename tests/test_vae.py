@@ -392,7 +392,7 @@ def test_phases_switch_after_patience_or_half_the_epochs_and_need_early_stopping
 
     spec, table = _mixed_table()
     model, _ = _untrained(spec, table)
-    cfg = TrainConfig(epochs=20, patience=2, linear_patience=3, kl_warmup_epochs=1)
+    cfg = TrainConfig(epochs=20, patience=2, linear_patience=3, kl_warmup_epochs=1, linear_lr_drops=0)
     p = Phases(cfg, model)
     assert p.linear and p.linear_epochs == 10
     # epoch 0 (beta < 1) never counts; the linear phase ends after 3 epochs without improvement
@@ -407,7 +407,7 @@ def test_phases_switch_after_patience_or_half_the_epochs_and_need_early_stopping
     assert p.update(7, 1.0, 1.0) == (False, False, False)
     assert p.update(8, 1.0, 1.0) == (False, False, True)
     # linear_patience 0: the linear phase ends after --patience, like the full one
-    r = Phases(TrainConfig(epochs=20, patience=2, linear_patience=0), model)
+    r = Phases(TrainConfig(epochs=20, patience=2, linear_patience=0, linear_lr_drops=0), model)
     assert [r.update(e, s, 1.0)[1] for e, s in enumerate([1.0, 0.5, 0.5])] == [False, False, True]
     # always improving: the linear phase still ends at half the epochs
     q = Phases(cfg, model)
@@ -418,6 +418,39 @@ def test_phases_switch_after_patience_or_half_the_epochs_and_need_early_stopping
     assert not Phases(TrainConfig(epochs=20, linear_start=False), model).linear
     flat = VAE(model.families, VAEConfig(latent_dim=2, hidden=(8,), linear_skip=False))
     assert not Phases(cfg, flat).linear
+
+
+def test_the_linear_phase_cuts_its_rate_on_each_plateau_before_its_patience_ends_it():
+    from pipeline.core.training import LINEAR_DROP_FACTOR, Phases, make_optimizer
+
+    spec, table = _mixed_table()
+    model, _ = _untrained(spec, table)
+    cfg = TrainConfig(epochs=60, patience=2, linear_patience=4, linear_lr=0.1, linear_lr_drops=2, kl_warmup_epochs=0)
+    opt = make_optimizer(model, cfg)
+    p = Phases(cfg, model)
+    p.start(model, opt, fresh=True)
+    rates = []
+    # improves at epoch 0, then a plateau: two epochs (half the patience) -> a cut, twice; then 4 -> the switch
+    for epoch, score in enumerate([1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]):
+        improved, switch, stop = p.update(epoch, score, 1.0)
+        rates.append(opt.param_groups[0]["lr"])
+        assert not stop and switch == (epoch == 8) and improved == (epoch == 0)
+    f = LINEAR_DROP_FACTOR
+    assert rates[:8] == pytest.approx([0.1, 0.1, 0.1 * f, 0.1 * f, 0.1 * f * f, 0.1 * f * f, 0.1 * f * f, 0.1 * f * f])
+    assert p.drops == 2 and not p.linear
+    # an improvement resets the count: no cut while the phase still climbs
+    q = Phases(cfg, model)
+    q.start(model, opt, fresh=True)
+    for epoch, score in enumerate([1.0, 0.5, 2.0, 1.0, 3.0, 1.0, 4.0]):
+        q.update(epoch, score, 1.0)
+    assert q.drops == 0 and opt.param_groups[0]["lr"] == 0.1 and q.linear
+    # the full phase joins at --lr, whatever the cuts left
+    p.open(model, opt, None)
+    assert opt.param_groups[0]["lr"] == cfg.lr
+    # a resumed run goes on with the cuts it had made
+    r = Phases(cfg, model, best_val=1.0, stale=0, linear=True, drops=2)
+    r.start(model, opt, fresh=False)
+    assert [r.update(e, 0.5, 1.0)[1] for e in range(4)] == [False, False, False, True]
 
 
 def test_validation_averages_more_draws_of_z_on_a_small_validation_set():

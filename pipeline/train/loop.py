@@ -387,7 +387,8 @@ def train_loop_per_worker(config: dict) -> None:
         best = _prefixed(tensors, "best.") or None
         start, history = meta["epoch"] + 1, meta["history"]
         # a checkpoint from before the linear start is of a model trained whole
-        phases = Phases(tcfg, vae, meta["best_val_elbo"], meta["stale"], linear=meta.get("linear", False))
+        phases = Phases(tcfg, vae, meta["best_val_elbo"], meta["stale"], linear=meta.get("linear", False),
+                        drops=meta.get("linear_lr_drops", 0))  # fmt: skip
         resumes = [*meta.get("resumed_at_epochs", []), start]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {meta['epoch']}", flush=True)
@@ -522,6 +523,7 @@ def train_loop_per_worker(config: dict) -> None:
             "best_val_elbo": phases.best_val,
             "stale": phases.stale,
             "linear": phases.linear,
+            "linear_lr_drops": phases.drops,
             "resumed_at_epochs": resumes,
         }
         if rank == 0:

@@ -82,6 +82,7 @@ class TrainOptions:
     linear_start: bool = _T.linear_start
     linear_lr: float = _T.linear_lr
     linear_patience: int = _T.linear_patience
+    linear_lr_drops: int = _T.linear_lr_drops
     min_epoch_steps: int = _T.min_epoch_steps
     seed: int = _T.seed
     val_fraction: float = 0.1
@@ -113,8 +114,8 @@ class TrainOptions:
                 continue
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "linear_patience", "iw_samples",
-                        "baseline_rows")  # fmt: skip
+        non_negative = ("gpus_per_worker", "kl_warmup_epochs", "patience", "linear_patience", "linear_lr_drops",
+                        "iw_samples", "baseline_rows")  # fmt: skip
         for name in (*non_negative, "shuffle_buffer", "cache_mb", "min_epoch_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
@@ -149,6 +150,7 @@ def train_config(opts, train_rows: int, val_rows: int, workers: int = 1) -> Trai
         linear_start=opts.linear_start,
         linear_lr=opts.linear_lr,
         linear_patience=opts.linear_patience,
+        linear_lr_drops=opts.linear_lr_drops,
         seed=opts.seed,
         min_epoch_steps=opts.min_epoch_steps,
     )
