@@ -261,8 +261,8 @@ def test_extreme_records_score_finite():
 # ---- trained-model properties ---------------------------------------------------------------------
 def test_importance_weighting_tightens_toward_a_limit(wine):
     model, valid = wine["model"], wine["valid"]
-    lm = {k: score_batch(model, valid, mc_samples=16, iw_samples=k, seed=2).log_marginal.mean()
-          for k in (1, 4, 16, 64, 256)}
+    per = {k: score_batch(model, valid, mc_samples=16, iw_samples=k, seed=2).log_marginal for k in (1, 4, 16, 64, 256)}
+    lm = {k: v.mean() for k, v in per.items()}
     elbo = score_batch(model, valid, mc_samples=256, iw_samples=0, seed=2).elbo.mean()
     print(f"\nwine held-out: mean elbo {elbo:.4f}; mean log_marginal by K: "
           + ", ".join(f"K={k}: {v:.4f}" for k, v in lm.items()))
@@ -270,7 +270,12 @@ def test_importance_weighting_tightens_toward_a_limit(wine):
     # prior's closed form, that of the joint latent) bounds it from above: elbo is lower, by a little
     assert elbo - 0.05 <= lm[1] <= elbo + 0.5
     ks = sorted(lm)
-    assert all(lm[b] > lm[a] for a, b in itertools.pairwise(ks))  # rises with K
+    # the bound's expectation rises with K; each mean is one estimate: it may not fall by more than its noise
+    # (three standard errors of the per-record difference), and rises clearly where the steps are large
+    for a, b in itertools.pairwise(ks):
+        d = per[b] - per[a]
+        assert d.mean() > -3 * d.std(ddof=1) / np.sqrt(len(d)), (a, b)
+    assert lm[16] > lm[4] > lm[1]
     assert lm[256] - lm[64] < lm[4] - lm[1]  # by less and less: toward a limit
     assert lm[64] >= elbo
 
