@@ -93,9 +93,9 @@ class Phases:
     ``linear_patience`` epochs without improvement, multiplies the rate by LINEAR_DROP_FACTOR, up to
     ``linear_lr_drops`` times; only then does ``linear_patience`` end it. A constant rate left it short of
     its optimum: on the smallest table of the quality benchmark (breast cancer, 409 training rows) the
-    phase was still climbing when half the epochs were spent at 1e-2, and stopped on a plateau at 3e-2
-    (validation elbo 39.1-41.4 over four seeds); 3e-2 with three cuts reaches 41.5-42.5 in the same 50
-    epochs, and the held-out log-likelihood of the whole model rose from 43.9-45.2 to 45.3-46.9 nats.
+    phase was still climbing when half the epochs were spent at 1e-2 (its validation elbo 39.1-41.4 over
+    four seeds), and stopped on a plateau at 3e-2 (38.9-40.0); 3e-2 with three cuts reaches 41.5-42.5 in the
+    same 50 epochs, and the held-out log-likelihood of the whole model rose from 43.9-45.2 to 45.3-46.9 nats.
     ``start`` hands it the optimizer whose rate it cuts; ``drops`` is the cuts made so far (a resumed run's)."""
 
     def __init__(self, cfg: TrainConfig, model: VAE, best_val: float = -math.inf, stale: int = 0,
