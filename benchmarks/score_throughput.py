@@ -183,18 +183,20 @@ def main() -> int:
     common = ["--data", str(data), "--model-dir", model_dir, "--run-date", "2026-01-01"]
     common += ["--batch-size", str(args.batch_size), "--mc-samples", str(args.mc_samples)]
     common += ["--iw-samples", str(args.iw_samples)]
-    first = "job, 1 actor, first job after Ray's start"
-    for w in (0, *args.workers):  # 0: the first job of the instance, 1 actor, listed apart
-        out = work / f"out-{w}"
+    # the first job of the instance, listed apart, then the measured arms
+    arms = [("job, 1 actor, first job after Ray's start", 1)]
+    arms += [(f"job, {w} actor{'s' if w > 1 else ''}", w) for w in args.workers]
+    for i, (name, w) in enumerate(arms):
+        out = work / f"out-{i}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        rc = score.main([*common, "--output", str(out), "--workers", str(max(w, 1))])
+        rc = score.main([*common, "--output", str(out), "--workers", str(w)])
         seconds = time.perf_counter() - t0
         if rc != 0:
-            print(f"job with {max(w, 1)} actors failed (exit {rc})")
+            print(f"{name} failed (exit {rc})")
             return rc
-        results.append((first if w == 0 else f"job, {w} actor{'s' if w > 1 else ''}", seconds))
-        print(f"{results[-1][0]}: {seconds:.1f} s; {load_line()}", flush=True)
+        results.append((name, seconds))
+        print(f"{name}: {seconds:.1f} s; {load_line()}", flush=True)
     ray.shutdown()
 
     out = work / "out-plain"
