@@ -91,8 +91,8 @@ class InjectedFailure(RuntimeError):
 @dataclass(frozen=True)
 class FailureHook:
     """Test-only failure injection, set by ``VAEPIPE_TEST_FAIL_AT="N [M ...] [kill:POINT ...]"``: each
-    scoring actor raises when it starts its batch N (a failed batch does not count, so it keeps failing
-    there); the last training worker raises at the start of epoch N, once per ``marker`` (a file
+    scoring worker process raises when it starts its batch N (a failed batch does not count, so it keeps
+    failing there); the last training worker raises at the start of epoch N, once per ``marker`` (a file
     ``MARKER.N`` records that it fired). ``kill:POINT``: the process SIGKILLs itself when it reaches
     the named point (:meth:`kill_point`; the publish steps name theirs).
     Crosses to Ray as a plain dict."""

@@ -161,6 +161,10 @@ RAY_NOISE = (
 # * Ray Train's controller looks at its workers every 2 s by default, so a run's end (and each step of its
 #   start) waits up to that long to be seen: a quarter of it costs the workers a status call more often.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# What a local instance's raylet gets (a value already in the environment wins): an idle worker process
+# beyond one per CPU lives 30 s instead of 1 s, so the scoring tasks find the process that imported torch
+# and loaded the model (pipeline.score.scorer.warm_scorer) still there after Ray Data's planning.
+LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
 
 
 def quiet_ray() -> None:
@@ -212,6 +216,8 @@ def init_ray(address: str | None = None, **local_kwargs: Any) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting a local Ray instance")
-        for k, v in WORKER_ENV.items():
+        # its processes inherit this environment, so no runtime_env: a job with one has its own worker
+        # processes, started when its first task comes, instead of those Ray starts beside the raylet
+        for k, v in (WORKER_ENV | LOCAL_RAY_ENV).items():
             os.environ.setdefault(k, v)
-        ray.init(runtime_env=runtime_env, include_dashboard=False, **local_kwargs)
+        ray.init(include_dashboard=False, **local_kwargs)

@@ -28,7 +28,15 @@ from pipeline.core.model import VAE, VAEConfig
 from pipeline.errors import FAIL_AT_ENV, UsageError
 from pipeline.io import storage
 from pipeline.score import publish, reader
-from pipeline.score.scorer import BatchScorer, ModelChanged, ScoreSettings, serialize_schema
+from pipeline.score.scorer import (
+    BatchScorer,
+    ModelChanged,
+    ScoreSettings,
+    process_scorer,
+    score_block,
+    serialize_schema,
+    warm_scorer,
+)
 from pipeline.train import run as train_run
 from schemas.feature_spec import FeatureSpec
 
@@ -294,6 +302,31 @@ def test_models_are_versioned_and_the_pointer_is_resolved_once(tmp_path):
     )
     with pytest.raises(ModelChanged, match=first):
         BatchScorer(settings.to_dict())
+
+
+def test_a_worker_process_keeps_one_scorer_per_run(model_dir, tmp_path):
+    # the scoring tasks of a run share one BatchScorer per worker process (pipeline.score.scorer.score_block)
+    table = tiny_table(50)
+    run = ScoreSettings(
+        model_dir=model_dir, run_id="a", input_schema=serialize_schema(table.schema), iw_samples=8,
+        expected_model_id=resolve_model(model_dir).model_id,
+    )  # fmt: skip
+    assert warm_scorer(run.to_dict()) is True
+    scorer = process_scorer(run.to_dict())
+    first = score_block(table, run.to_dict())
+    second = score_block(table, run.to_dict())
+    assert process_scorer(run.to_dict()) is scorer and scorer.batches == 2  # built once, by the warm-up
+    # the same scores as a scorer of its own: a block's scores do not depend on what the process did before
+    alone = BatchScorer(run.to_dict())(table)
+    assert first.equals(alone) and second.equals(alone)
+    # the next run's settings: a new scorer, the last one let go
+    other = ScoreSettings(**(run.to_dict() | {"run_id": "b"}))
+    assert process_scorer(other.to_dict()) is not scorer
+    # a warm-up that cannot build the scorer reports nothing; the block's own task raises the error
+    changed = ScoreSettings(**(run.to_dict() | {"run_id": "c", "expected_model_id": "0" * 16}))
+    assert warm_scorer(changed.to_dict()) is False
+    with pytest.raises(ModelChanged):
+        score_block(table, changed.to_dict())
 
 
 def test_the_manifest_names_the_resolved_model(model_dir, tmp_path):

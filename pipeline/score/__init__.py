@@ -1,4 +1,4 @@
-"""Scoring on Ray: the batch scorer class that Ray Data's actors run, the Ray Data pipeline
+"""Scoring on Ray: the batch scorer that Ray Data's scoring tasks (actors on GPUs) run, the Ray Data pipeline
 (read -> map_batches -> write), reconciliation and atomic publish of a partition, and the reader of
 published partitions.
 

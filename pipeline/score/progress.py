@@ -1,6 +1,6 @@
-"""Progress of a scoring run: the actors add up the rows they scored, the driver shows them.
+"""Progress of a scoring run: the scoring workers add up the rows they scored, the driver shows them.
 
-* :class:`RowCounter` -- a Ray actor (no CPU) that each scoring actor tells, without waiting, how many
+* :class:`RowCounter` -- a Ray actor (no CPU) that each scoring worker tells, without waiting, how many
   rows it has finished;
 * :class:`ProgressReporter` -- a driver thread that polls the counter: on a terminal a bar redrawn in
   place, in a log (not a terminal) a plain line at most every ``log_every`` seconds and at every tenth.

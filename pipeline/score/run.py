@@ -4,7 +4,8 @@ Phases: **setup** (refuse overlapping paths and an --output that is not a vaepip
 model once; pre-flight every input file; read the input ids), **lease** (one run per partition:
 :func:`~pipeline.score.publish.partition_lease`; then complete or clean up what killed runs of the
 date left, :func:`~pipeline.score.publish.recover`), **score** (read_parquet ->
-map_batches(:class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
+map_batches(:func:`~pipeline.score.scorer.score_block`: Ray tasks, ``--workers`` at a time; on GPUs an
+actor pool of :class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
 ``OUTPUT/_staging/<run_id>/``; skipped for an input with no rows), **check** (reconcile the staged
 rows and ids against the input), **publish** (replace ``OUTPUT/dt=RUN_DATE`` and its quarantine
 partition; the guarantee is in :mod:`pipeline.score.publish`), **cleanup** (delete the staging
@@ -34,14 +35,16 @@ from pipeline.score.scorer import (
     BatchScorer,
     ScoreSettings,
     output_schemas,
+    score_block,
     serialize_schema,
+    warm_scorer,
 )
 from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS, SCHEMA_VERSION, partition_uri
 
 log = logging.getLogger("vaepipe.score")
 
 DEFAULT_ROWS_PER_FILE = 500_000  # the writer gathers at least this many rows per file where it can
-BLOCKS_PER_ACTOR = 4  # the input is cut into at least this many blocks per actor ...
+BLOCKS_PER_WORKER = 4  # the input is cut into at least this many blocks per scoring worker ...
 MAX_BATCHES_PER_BLOCK = 16  # ... of at most this many batches
 MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows than this (or --batch-size)
 
@@ -117,7 +120,7 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
     publish.check_table(opts.output)
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    resolved = resolve_model(opts.model_dir)  # once: every actor loads this version and checks its id
+    resolved = resolve_model(opts.model_dir)  # once: every worker loads this version and checks its id
     artifact = load_model(resolved.location)
     spec = artifact.spec
     data = preflight(opts.data, spec, allow_empty_files=True)
@@ -203,39 +206,59 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
 
 
 def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> None:
-    """read -> map_batches(BatchScorer) -> write_parquet into the run's staging (Ray Data)."""
+    """read -> map_batches(score_block, or BatchScorer actors on GPUs) -> write_parquet into the run's
+    staging (Ray Data)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    # a local instance gets a logical CPU beyond the actors, for the read and write tasks
+    # a local instance gets a logical CPU beyond the scoring workers, for the read and write tasks
     init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers + 1))
     _check_capacity(opts)
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
     try:
         ds = read_dataset(data, spec)
-        # Blocks of whole batches, at least BLOCKS_PER_ACTOR per actor and at most MAX_BATCHES_PER_BLOCK
+        # Blocks of whole batches, at least BLOCKS_PER_WORKER per worker and at most MAX_BATCHES_PER_BLOCK
         # batches each, whatever the files: Ray Data reads many small files in one task (one block), and
-        # an actor pool with fewer blocks than actors leaves actors idle. The cut streams (no shuffle);
-        # a small input gets smaller batches (the scores do not depend on batching); never more actors
-        # than blocks.
+        # fewer blocks than workers leave workers idle. The cut streams (no shuffle); a small input gets
+        # smaller batches (the scores do not depend on batching); never more workers than blocks.
         batch_size = opts.batch_size
-        per_block = -(-data.rows // (BLOCKS_PER_ACTOR * opts.workers))
+        per_block = -(-data.rows // (BLOCKS_PER_WORKER * opts.workers))
         if per_block >= batch_size:
             per_block = min(-(-per_block // batch_size), MAX_BATCHES_PER_BLOCK) * batch_size
         else:  # never above the batch size asked for
             batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
-        actors = max(1, min(opts.workers, -(-data.rows // per_block)))
+        workers = max(1, min(opts.workers, -(-data.rows // per_block)))
         ds = ds.repartition(target_num_rows_per_block=per_block)
-        resources = {"num_gpus": opts.gpus_per_worker} if opts.gpus_per_worker > 0 else {"num_cpus": 1}
-        ds = ds.map_batches(
-            BatchScorer,
-            fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            # a short queue per actor: the last blocks go to whichever actor is free
-            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-            **resources,
-        )
+        if opts.gpus_per_worker > 0:
+            # an actor per GPU: Ray ends a GPU task's worker process after the task, so a task pool would
+            # load the model onto the device for every block
+            ds = ds.map_batches(
+                BatchScorer,
+                fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                # a short queue per actor: the last blocks go to whichever actor is free
+                compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+                num_gpus=opts.gpus_per_worker,
+            )
+        else:
+            # tasks on the worker processes Ray keeps (an actor pool starts a process per actor), the model
+            # loaded once per process: warm-up tasks load it while Ray Data plans and starts the read
+            warm = ray.remote(num_cpus=1, max_retries=0)(warm_scorer)
+            for _ in range(workers):
+                warm.remote(settings.to_dict())
+            # Ray Data's per-operator reservation splits the CPUs among the read, cut, map and write
+            # operators, which let a task pool run one scoring task at a time on 3 CPUs (2 workers): the
+            # pool's size alone bounds the scoring tasks (this dataset's own context)
+            ds.context.op_resource_reservation_enabled = False
+            ds = ds.map_batches(
+                score_block,
+                fn_kwargs={"settings": settings.to_dict(), "progress": counter},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=TaskPoolStrategy(size=workers),
+                num_cpus=1,
+            )
         out = storage.locate(staging.scores)
         with ProgressReporter(lambda: ray.get(counter.get.remote(), timeout=10), data.rows):
             ds.write_parquet(
@@ -256,6 +279,6 @@ def _check_capacity(opts: ScoreOptions) -> None:
     cpus = ray.cluster_resources().get("CPU", 0)
     if opts.gpus_per_worker == 0 and cpus < opts.workers + 1:
         log.warning(
-            "the Ray cluster has %s CPUs: %d scoring actors leave none for reading and writing; "
+            "the Ray cluster has %s CPUs: %d scoring workers leave none for reading and writing; "
             "the job waits until more join (use fewer --workers)", cpus, opts.workers,
         )  # fmt: skip

@@ -3,11 +3,16 @@
 * :func:`split_and_score` -- one Arrow table in, two out: the scored rows in the one fixed schema
   of the scores table, and the rows that cannot be scored in the quarantine schema, with a reason,
   the offending column and every original value. The plain benchmark loop calls it too.
-* :class:`BatchScorer` -- loads the model once per actor (``__init__``), then ``__call__(batch)``
+* :class:`BatchScorer` -- loads the model once (``__init__``), then ``__call__(batch)``
   scores a ``pyarrow.Table`` under ``torch.inference_mode`` and returns the scored rows; it writes
   the batch's quarantined rows itself, to the run's staging prefix, under a name that cannot collide
   with any other batch's (the run id and a fresh uuid; never a name derived from the rows' ids,
-  which may be null).
+  which may be null). On GPUs it is the class of Ray Data's actor pool, one actor per GPU.
+* :func:`score_block` -- what Ray Data's tasks call on CPU workers: the :class:`BatchScorer` of the
+  run, built once per worker process (:func:`process_scorer`) and kept there for the run's later
+  blocks. Ray keeps its worker processes between tasks, so a task pool starts no process of its own,
+  and :func:`warm_scorer` lets a process import torch and load the model while the driver plans the
+  read (an actor pool started a fresh process per actor: about 3 s before its first batch on 2 cores).
 
 A row cannot be scored when an id column is null, when the feature codec lists it as invalid
 (inf, a negative value in a positive column, a non-integer count, an unknown ordinal or binary
@@ -15,7 +20,7 @@ level), or when fewer than ``min_observed`` of its features are present (a recor
 observed has no likelihood worth ranking). Other missing feature values are scored (masked);
 unseen categorical labels are scored with the out-of-vocabulary class.
 
-The settings cross to the Ray actors as a plain dict (:meth:`ScoreSettings.to_dict`).
+The settings cross to the Ray workers as a plain dict (:meth:`ScoreSettings.to_dict`).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def too_few_observed_reason(n_observed: int, min_observed: int) -> str:
 
 
 class ModelChanged(VaepipeError):
-    """An actor loaded another model than the one the run resolved (exit code 1)."""
+    """A scoring worker loaded another model than the one the run resolved (exit code 1)."""
 
 
 @dataclass
@@ -73,13 +78,13 @@ class ScoreSettings:
     model_dir: str
     run_id: str
     input_schema: bytes  # serialized Arrow schema of the spec's columns (ids and features)
-    quarantine_dir: str | None = None  # staging URI the actors write quarantined rows to
+    quarantine_dir: str | None = None  # staging URI the workers write quarantined rows to
     mc_samples: int = DEFAULT_MC_SAMPLES  # Monte Carlo samples for recon_log_density
     iw_samples: int = DEFAULT_IW_SAMPLES  # importance samples for log_marginal (0: null)
     conditional_samples: int = DEFAULT_CONDITIONAL_SAMPLES  # per-column conditional scores (0: null)
     seed: int = 0  # noise seed (with each record's key)
     min_observed: int = DEFAULT_MIN_OBSERVED  # fewer observed features: quarantined
-    expected_model_id: str | None = None  # the model the driver resolved; every actor checks it
+    expected_model_id: str | None = None  # the model the driver resolved; every worker checks it
     device: str = "cpu"
     s3_endpoint: str | None = None
     failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
@@ -228,19 +233,19 @@ def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS)
 
 
 class BatchScorer:
-    """The callable class for ``Dataset.map_batches``: the model is loaded once per actor."""
+    """Scores batches with the run's model, loaded once (per actor on GPUs, per worker process on CPUs)."""
 
     def __init__(self, settings: dict[str, Any], progress=None):
         self.settings = ScoreSettings.from_dict(settings)
         self.progress = progress  # a RowCounter actor handle (pipeline.score.progress), or None
         if self.settings.s3_endpoint:
             storage.configure(self.settings.s3_endpoint)
-        torch.set_num_threads(1)  # one actor per CPU; Ray gives each actor one
+        torch.set_num_threads(1)  # one scoring worker per CPU; Ray gives each one
         self.artifact = load_model(self.settings.model_dir, device=self.settings.device)
         expected = self.settings.expected_model_id
         if expected is not None and self.artifact.model_id != expected:
             raise ModelChanged(
-                f"the scoring actor loaded model {self.artifact.model_id} from {self.settings.model_dir}, "
+                f"the scoring worker loaded model {self.artifact.model_id} from {self.settings.model_dir}, "
                 f"not {expected} which the run resolved; nothing published"
             )
         self.scores_schema, self.quarantine_schema = output_schemas(self.artifact, self.settings)
@@ -271,3 +276,33 @@ class BatchScorer:
         if self.progress is not None:
             self.progress.add.remote(batch.num_rows)  # fire and forget
         return scored
+
+
+# the run's scorer in this worker process: (its settings, the scorer); one run at a time per process
+_PROCESS_SCORER: list[tuple[dict[str, Any], BatchScorer]] = []
+
+
+def process_scorer(settings: dict[str, Any], progress=None) -> BatchScorer:
+    """The :class:`BatchScorer` for ``settings`` in this process: built on first use, then kept (the
+    batch count of the failure hook included). A scorer of other settings (an earlier run) is let go."""
+    if not _PROCESS_SCORER or _PROCESS_SCORER[0][0] != settings:
+        _PROCESS_SCORER.clear()
+        _PROCESS_SCORER.append((settings, BatchScorer(settings)))
+    scorer = _PROCESS_SCORER[0][1]
+    scorer.progress = progress
+    return scorer
+
+
+def score_block(batch: pa.Table, settings: dict[str, Any], progress=None) -> pa.Table:
+    """Ray Data's task function on CPU workers: :meth:`BatchScorer.__call__` with this process's scorer."""
+    return process_scorer(settings, progress)(batch)
+
+
+def warm_scorer(settings: dict[str, Any]) -> bool:
+    """Build the run's scorer in this worker process ahead of its first block. False where building
+    fails: the block's own task then raises the error (a warm-up has no one to report it to)."""
+    try:
+        process_scorer(settings)
+    except Exception:  # noqa: BLE001 -- reported by the block that comes next
+        return False
+    return True
