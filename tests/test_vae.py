@@ -18,7 +18,7 @@ from pipeline.core import scoring
 from pipeline.core.artifact import load_model, save_model
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys
-from pipeline.core.model import VAE, VAEConfig, kl_standard_normal
+from pipeline.core.model import SPREAD_GAIN, VAE, VAEConfig, kl_standard_normal
 from pipeline.core.scoring import record_noise, score_batch
 from pipeline.core.training import TrainConfig, fit
 from schemas.feature_spec import FeatureSpec
@@ -385,6 +385,23 @@ def test_stacked_evaluation_is_each_column_by_itself():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
     torch.testing.assert_close(got_grad, raw.grad, rtol=1e-12, atol=1e-12)
+    # the decoder's output is laid out parameter by parameter in memory (model.generative): the same numbers
+    lay = model.layout(raw.device)
+    by_param = raw.detach()[..., lay.head_rows].movedim(-1, 0).contiguous().movedim(0, -1)
+    assert not by_param.is_contiguous()
+    torch.testing.assert_close(
+        model.column_log_prob(by_param, batch.values, batch.observed), got.detach(), rtol=1e-12, atol=1e-12
+    )
+    # and it is the heads' linear layers on the decoder's last layer and on z, the spreads bounded
+    z = torch.randn(2, n, 3)
+    with torch.no_grad():
+        out = model.generative(z)
+        want_out = (model.heads(model.decoder(z)) + model.head_skip(z))[..., lay.head_rows]
+        m = model.config.var_modulation
+        base = model.spread_base[lay.spread_base] * SPREAD_GAIN
+        want_out[..., lay.spread_positions] = base + m * torch.tanh(want_out[..., lay.spread_positions])
+    assert out.stride()[-1] == 2 * n  # parameter by parameter
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     # the encoder input, feature after feature, then the mask
     views = [f.encoder_input(batch.values[:, j]) * batch.observed[:, j : j + 1] for j, f in enumerate(families)]
     want_x = torch.cat([*views, batch.observed.float()], -1)

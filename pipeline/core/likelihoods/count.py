@@ -58,6 +58,7 @@ from pipeline.core.likelihoods.base import (
     bounded_mean,
     loc_scale,
     log1mexp,
+    log_ndtr,
     mean_bounds,
     mean_range,
     mean_state,
@@ -79,8 +80,8 @@ def log_normal_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(Phi(b) - Phi(a)) for a < b, both finite, float64, accurate in both tails."""
     upper = a > 0  # reflect the upper tail onto the lower one: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
     lo, hi = torch.where(upper, -b, a), torch.where(upper, -a, b)
-    log_hi = torch.special.log_ndtr(hi)
-    return log_hi + log1mexp((torch.special.log_ndtr(lo) - log_hi).clamp(max=-1e-300))
+    log_hi = log_ndtr(hi)
+    return log_hi + log1mexp((log_ndtr(lo) - log_hi).clamp(max=-1e-300))
 
 
 def negbinom_log_prob(k: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
@@ -203,10 +204,10 @@ class Count(Family):
         approx = -0.5 * (LOG_2PI + mid * mid) + torch.log(w.clamp_min(1e-300))
         log_bins = torch.where(narrow, approx, exact)
         if not self.zero_floor:
-            return torch.where(zero, torch.special.log_ndtr(b), log_bins)
+            return torch.where(zero, log_ndtr(b), log_bins)
         # the zero's mass capped at the floor; the bins above it share the rest (see the module doc)
         b0 = (((math.log1p(0.5) - self.loc) / self.scale - mean) * inv_sd).clamp(-V_MAX, V_MAX)
-        log_zero = torch.special.log_ndtr(b0)
+        log_zero = log_ndtr(b0)
         capped = log_zero.clamp(max=math.log(ZERO_FLOOR))
-        rest = log1mexp(capped) - torch.special.log_ndtr(-b0)
+        rest = log1mexp(capped) - log_ndtr(-b0)
         return torch.where(zero, capped, log_bins + rest)

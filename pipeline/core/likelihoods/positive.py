@@ -54,6 +54,7 @@ from pipeline.core.likelihoods.base import (
     gaussian_log_prob,
     loc_scale,
     log1mexp,
+    log_ndtr,
     log_of,
     mean_bounds,
     mean_range,
@@ -182,5 +183,5 @@ class Positive(Family):
             return torch.where(is_zero, -F.softplus(-logit), -F.softplus(logit) + log_density)
         # no point mass: a zero has the log-normal's mass below the bound, at most the floor
         b = ((log_of(self.zero_bound) - self.loc) / self.scale - mean) * torch.exp(-0.5 * log_var)
-        log_zero = torch.special.log_ndtr(b).clamp(max=math.log(ZERO_FLOOR))
+        log_zero = log_ndtr(b).clamp(max=math.log(ZERO_FLOOR))
         return torch.where(is_zero, log_zero, log1mexp(log_zero) + log_density)
