@@ -118,12 +118,12 @@ def plain_loop(data: Path, model_dir: str, out: Path, args, conditional: bool = 
 
 def decoder_floor(model_dir: str, rows: int, samples: int, batch_size: int) -> float:
     """Seconds for the decoder network alone on `samples` latent draws for each of `rows` records."""
-    from pipeline.core.scoring import SAMPLE_ROWS_PER_PASS
+    from pipeline.core.scoring import samples_per_pass
 
     torch.set_num_threads(1)
     model = load_model(model_dir).model.eval()
     n = min(rows, batch_size)
-    chunk = max(1, SAMPLE_ROWS_PER_PASS // n)  # the same samples per pass as score_batch
+    chunk = samples_per_pass(n, torch.device("cpu"))  # the same samples per pass as score_batch
     z = torch.randn(min(chunk, samples), n, model.latent_dim)
     t0 = time.perf_counter()
     with torch.inference_mode():
