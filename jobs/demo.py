@@ -53,7 +53,7 @@ def build_parser():
     p.add_argument("--incoming-rows", type=int, default=4_000, help="rows to score")
     p.add_argument("--anomaly-fraction", type=float, default=0.02, help="share of incoming rows made anomalous")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (and scoring actors)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (and scoring workers)")
     p.add_argument("--latent-dim", type=int, default=4, help="dimension of z")
     p.add_argument("--seed", type=int, default=7, help="seed of the data and of training")
     p.add_argument("--top", type=int, default=10, help="anomalies to list")

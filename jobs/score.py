@@ -30,8 +30,8 @@ def build_parser():
         "--conditional-samples", type=int, default=d.conditional_samples,
         help="samples per feature for column_conditional_log_density (0: that column is null, scoring is faster)",
     )  # fmt: skip
-    p.add_argument("--workers", type=int, default=d.workers, help="scoring actors (each loads the model once)")
-    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="GPUs per scoring actor (0: CPU)")
+    p.add_argument("--workers", type=int, default=d.workers, help="scoring workers (each process loads the model once)")
+    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="GPUs per scoring worker (0: CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per scoring batch")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per output file")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed (outputs do not depend on batching)")

@@ -178,7 +178,7 @@ def test_score_rayjob_matches_the_command_line_and_the_run_date():
         )
     else:
         assert args.gpus_per_worker == 0
-        assert args.workers < cpus, "one CPU per scoring actor, and some left for reading and writing"
+        assert args.workers < cpus, "one CPU per scoring worker, and some left for reading and writing"
 
 
 # ---- the daily schedule --------------------------------------------------------------------------
