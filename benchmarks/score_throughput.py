@@ -184,9 +184,12 @@ def main() -> int:
     common += ["--batch-size", str(args.batch_size), "--mc-samples", str(args.mc_samples)]
     common += ["--iw-samples", str(args.iw_samples)]
     # the first job of the instance, listed apart, then the measured arms
-    w = max(args.workers)  # every worker process the arms use has run a job before them
-    arms = [(f"job, {w} worker{'s' if w > 1 else ''}, first job after Ray's start", w)]
-    arms += [(f"job, {w} worker{'s' if w > 1 else ''}", w) for w in args.workers]
+    def job_arm(workers: int) -> str:
+        return f"job, {workers} worker{'s' if workers > 1 else ''}"
+
+    most = max(args.workers)  # every worker process the arms use has run a job before them
+    arms = [(f"{job_arm(most)}, first job after Ray's start", most)]
+    arms += [(job_arm(w), w) for w in args.workers]
     for i, (name, w) in enumerate(arms):
         out = work / f"out-{i}"
         shutil.rmtree(out, ignore_errors=True)

@@ -229,35 +229,31 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
             batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
         workers = max(1, min(opts.workers, -(-data.rows // per_block)))
         ds = ds.repartition(target_num_rows_per_block=per_block)
+        scorer_args = {"settings": settings.to_dict(), "progress": counter}
+        batches = {"batch_size": batch_size, "batch_format": "pyarrow"}
         if opts.gpus_per_worker > 0:
             # an actor per GPU: Ray ends a GPU task's worker process after the task, so a task pool would
             # load the model onto the device for every block
             ds = ds.map_batches(
                 BatchScorer,
-                fn_constructor_kwargs={"settings": settings.to_dict(), "progress": counter},
-                batch_size=batch_size,
-                batch_format="pyarrow",
+                fn_constructor_kwargs=scorer_args,
                 # a short queue per actor: the last blocks go to whichever actor is free
                 compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
                 num_gpus=opts.gpus_per_worker,
+                **batches,
             )
         else:
             # tasks on the worker processes Ray keeps (an actor pool starts a process per actor), the model
             # loaded once per process: warm-up tasks load it while Ray Data plans and starts the read
             warm = ray.remote(num_cpus=1, max_retries=0)(warm_scorer)
             for _ in range(workers):
-                warm.remote(settings.to_dict())
+                warm.remote(scorer_args["settings"])
             # Ray Data's per-operator reservation splits the CPUs among the read, cut, map and write
             # operators, which let a task pool run one scoring task at a time on 3 CPUs (2 workers): the
             # pool's size alone bounds the scoring tasks (this dataset's own context)
             ds.context.op_resource_reservation_enabled = False
             ds = ds.map_batches(
-                score_block,
-                fn_kwargs={"settings": settings.to_dict(), "progress": counter},
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                compute=TaskPoolStrategy(size=workers),
-                num_cpus=1,
+                score_block, fn_kwargs=scorer_args, compute=TaskPoolStrategy(size=workers), num_cpus=1, **batches
             )
         out = storage.locate(staging.scores)
         with ProgressReporter(lambda: ray.get(counter.get.remote(), timeout=10), data.rows):
