@@ -402,3 +402,26 @@ def test_log_ndtr_matches_scipy_in_both_tails_with_its_gradient():
     near = np.abs(x) <= 80
     grad = np.exp(stats.norm.logpdf(x[near]) - ref[near])
     np.testing.assert_allclose(xt.grad.numpy()[near], grad, rtol=1e-10, atol=1e-300)
+
+
+def test_logsumexp_classes_is_logsumexp_in_any_layout_with_its_gradient():
+    # the categorical log-normaliser, reduced in the decoder's parameter-major layout: the same numbers as
+    # scipy's logsumexp over the classes, padding (-inf) included, in that layout and in a row-major one
+    from pipeline.core.likelihoods.base import logsumexp_classes
+
+    gen = torch.Generator().manual_seed(0)
+    c, n, g, k = 3, 50, 4, 7
+    flat = torch.randn(g * k, c * n, generator=gen, dtype=torch.float64) * 20.0
+    param_major = flat.T.reshape(c, n, g * k).unflatten(-1, (g, k))  # as generative's output
+    row_major = param_major.contiguous()
+    pad = torch.zeros(g, k, dtype=torch.float64)
+    pad[1, 5:] = -math.inf  # a shorter vocabulary in the stack
+    for logits in (param_major + pad, row_major + pad, (row_major + pad)[0]):
+        x = logits.detach().clone().requires_grad_(True)
+        ours = logsumexp_classes(x)
+        ref = special.logsumexp(logits.detach().numpy(), axis=-1)
+        assert ours.shape == logits.shape[:-1]
+        np.testing.assert_allclose(ours.detach().numpy(), ref, rtol=1e-14)
+        ours.sum().backward()
+        softmax = np.exp(logits.detach().numpy() - ref[..., None])  # d/dx logsumexp: the softmax, 0 at padding
+        np.testing.assert_allclose(x.grad.numpy(), softmax, rtol=1e-12, atol=1e-300)

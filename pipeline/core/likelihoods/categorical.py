@@ -26,7 +26,14 @@ import math
 import numpy as np
 import torch
 
-from pipeline.core.likelihoods.base import LOGIT_BOUND, EncodedColumn, LabelFamily, index_labels, to_labels
+from pipeline.core.likelihoods.base import (
+    LOGIT_BOUND,
+    EncodedColumn,
+    LabelFamily,
+    index_labels,
+    logsumexp_classes,
+    to_labels,
+)
 from pipeline.errors import InputDataError
 
 MAX_CATEGORIES = 1000
@@ -48,7 +55,7 @@ class Categorical(LabelFamily):
         super().__init__(name)
         self.vocab = [str(v) for v in vocab]
         self.oov_mass = None if oov_mass is None else float(oov_mass)
-        self._pad: torch.Tensor | None = None  # a stack's [G, n_params] mask of the logits a column lacks
+        self._pad: torch.Tensor | None = None  # a stack's [G, n_params]: -inf at the logits a column lacks, else 0
         self._n_vocab: torch.Tensor | None = None  # a stack's [G] vocabulary sizes
 
     def group_key(self):
@@ -66,7 +73,8 @@ class Categorical(LabelFamily):
             return out
         sizes = torch.tensor([len(f.vocab) for f in families], device=device)
         out._n_vocab = sizes
-        out._pad = torch.arange(len(out.vocab), device=device) >= sizes[:, None]
+        lacks = torch.arange(len(out.vocab), device=device) >= sizes[:, None]
+        out._pad = torch.zeros(lacks.shape, dtype=torch.float64, device=device).masked_fill(lacks, -math.inf)
         out.oov_mass = torch.tensor([f.oov_mass for f in families], dtype=torch.float64, device=device)
         return out
 
@@ -105,7 +113,9 @@ class Categorical(LabelFamily):
     def _logits(self, raw: torch.Tensor) -> torch.Tensor:
         """The bounded float64 logits; a stack's logits beyond a column's vocabulary -inf."""
         logits = raw.double().clamp(-LOGIT_BOUND, LOGIT_BOUND)
-        return logits if self._pad is None else logits.masked_fill(self._pad, -math.inf)
+        # added, not masked_fill: a sum keeps the logits' memory layout (generative's, parameter by parameter),
+        # masked_fill copies to row-major and the reductions after it walk the memory across
+        return logits if self._pad is None else logits + self._pad
 
     def params(self, raw: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the classes, vocabulary order, out-of-vocabulary last."""
@@ -133,5 +143,5 @@ class Categorical(LabelFamily):
         at = torch.where(oov, 0, idx).expand(shape).unsqueeze(-1)  # class 0 stands in for the oov rows (masked below)
         picked = torch.gather(logits.expand(*shape, logits.shape[-1]), -1, at).squeeze(-1)
         mass = torch.as_tensor(self.oov_mass, dtype=logits.dtype, device=logits.device)
-        known = picked - torch.logsumexp(logits, dim=-1) + torch.log1p(-mass)
+        known = picked - logsumexp_classes(logits) + torch.log1p(-mass)
         return torch.where(oov, torch.log(mass), known)
