@@ -2,17 +2,21 @@
 
 * ``DATA``: the test datasets (tests/data/<name>/, each with its authors' types.csv);
 * :func:`dataset_spec`: a dataset's feature spec from that types.csv;
-* :func:`reference_prior`: a model's prior p(z) as torch.distributions builds it.
+* :func:`reference_prior`: a model's prior p(z) as torch.distributions builds it;
+* :func:`reference_noise`: the scorer's noise, written with numpy's unsigned arithmetic.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+from pipeline.core.codec import splitmix64
 from schemas.feature_spec import FeatureSpec
 
 DATA = Path(__file__).parent / "data"
@@ -40,3 +44,21 @@ def reference_prior(model) -> torch.distributions.Distribution:
         Categorical(logits=model.prior_logits.detach().double()),
         Independent(Normal(model.prior_mean.detach().double(), scale), 1),
     )
+
+
+def reference_noise(keys: np.ndarray, seed: int, first: int, last: int, dim: int) -> np.ndarray:
+    """pipeline.core.scoring.record_noise written with numpy's uint64 arithmetic: [last - first, N, dim] float32,
+    the reference the scorer's torch implementation (int64 bits, logical shifts by mask) must equal."""
+    n = keys.shape[0]
+    base = splitmix64(keys ^ splitmix64(np.array([seed], dtype=np.uint64)))  # [N]
+    s = np.arange(first, last, dtype=np.uint64)[:, None, None]
+    d = np.arange(dim, dtype=np.uint64)[None, None, :]
+    with np.errstate(over="ignore"):
+        counter = base[None, :, None] + (s * np.uint64(dim) + d) * np.uint64(2)
+        h1 = splitmix64(counter)
+        h2 = splitmix64(counter + np.uint64(1))
+    scale = 2.0**-53
+    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) * scale  # (0, 1)
+    u2 = (h2 >> np.uint64(11)).astype(np.float64) * scale  # [0, 1)
+    eps = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    return eps.astype(np.float32).reshape(last - first, n, dim)

@@ -174,9 +174,10 @@ def test_broken_relation_ranks_first_and_is_named(relation_model):
 def test_conditional_scores_match_a_direct_computation(relation_model):
     """log p(x_j | x_-j) ~= logsumexp_c(log w_c + log p(x_j|z_c)) - logsumexp_c(log w_c), z_c ~ q(z | x_-j),
     recomputed here one column at a time with torch.distributions; NaN where x_j is missing."""
+    from helpers import reference_noise
     from torch.distributions import Normal
 
-    from pipeline.core.scoring import _COLUMN_STREAM, record_noise
+    from pipeline.core.scoring import _COLUMN_STREAM
 
     spec, table, _, codec, model = relation_model
     batch = codec.encode(table.slice(1300, 40))
@@ -189,7 +190,7 @@ def test_conditional_scores_match_a_direct_computation(relation_model):
             hidden[:, j] = False
             mean, log_var = model.inference(batch.values, hidden, masked=True)  # the masked pass's encoder
             q = Normal(mean.double(), torch.exp(0.5 * log_var.double()))
-            eps = torch.from_numpy(record_noise(batch.keys, 5 + (j + 1) * _COLUMN_STREAM, 0, 8, model.latent_dim))
+            eps = torch.from_numpy(reference_noise(batch.keys, 5 + (j + 1) * _COLUMN_STREAM, 0, 8, model.latent_dim))
             lw_rest, lw_all = [], []
             for c in range(8):
                 z = mean + torch.exp(0.5 * log_var) * eps[c]

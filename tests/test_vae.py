@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import DATA, dataset_spec, reference_prior
+from helpers import DATA, dataset_spec, reference_noise, reference_prior
 from scipy import stats
 from torch.distributions import Independent, Normal, kl_divergence
 
@@ -19,7 +19,7 @@ from pipeline.core.artifact import load_model, save_model
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import TableCodec, fit_families, partial_stats, record_keys
 from pipeline.core.model import SPREAD_GAIN, VAE, VAEConfig, kl_standard_normal
-from pipeline.core.scoring import record_noise, score_batch
+from pipeline.core.scoring import device_keys, record_noise, score_batch
 from pipeline.core.training import TrainConfig, fit
 from schemas.feature_spec import FeatureSpec
 
@@ -141,7 +141,7 @@ def test_estimators_match_direct_computation(prior_components):
     with torch.no_grad():
         mean, log_var = model.inference(batch.values, batch.observed)
         q = Normal(mean.double(), torch.exp(0.5 * log_var.double()))
-        eps = torch.from_numpy(record_noise(batch.keys, seed, 0, K, model.latent_dim))
+        eps = torch.from_numpy(reference_noise(batch.keys, seed, 0, K, model.latent_dim))
         log_px, log_w = [], []
         for s in range(K):
             z = mean + torch.exp(0.5 * log_var) * eps[s]
@@ -169,14 +169,31 @@ def test_sample_chunking_does_not_change_results(monkeypatch):
     np.testing.assert_allclose(no_iw.recon_log_density, whole.recon_log_density, rtol=1e-9)
 
 
+def _noise(keys: np.ndarray, **kw) -> np.ndarray:
+    return record_noise(device_keys(keys, torch.device("cpu")), **kw).numpy()
+
+
 def test_noise_is_standard_normal_and_a_function_of_key_and_sample():
     keys = np.arange(5000, dtype=np.uint64) * np.uint64(7919)
-    eps = record_noise(keys, seed=11, first=0, last=4, dim=3)
+    eps = _noise(keys, seed=11, first=0, last=4, dim=3)
+    assert eps.dtype == np.float32 and eps.shape == (4, 5000, 3)
     assert stats.kstest(eps.reshape(-1).astype(np.float64), "norm").pvalue > 1e-3
     assert abs(np.corrcoef(eps[0, :, 0], eps[1, :, 0])[0, 1]) < 0.05  # samples independent
-    again = record_noise(keys[::-1].copy(), seed=11, first=2, last=4, dim=3)
+    again = _noise(keys[::-1].copy(), seed=11, first=2, last=4, dim=3)
     np.testing.assert_array_equal(again[:, ::-1], eps[2:4])  # order and offset do not matter
-    assert not np.allclose(record_noise(keys, seed=12, first=0, last=1, dim=3), eps[:1])
+    assert not np.allclose(_noise(keys, seed=12, first=0, last=1, dim=3), eps[:1])
+
+
+def test_noise_made_by_torch_is_the_unsigned_reference_bit_for_bit():
+    """The scorer makes its noise with torch on the scoring device (int64 bits: wrapping adds and multiplies,
+    logical shifts by mask); numpy's uint64 arithmetic is the reference. Keys and seeds with the top bit set,
+    offsets past 2**32 draws."""
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, np.iinfo(np.uint64).max, 3000, dtype=np.uint64, endpoint=True)
+    keys[:4] = [0, np.iinfo(np.uint64).max, 1 << 63, (1 << 63) - 1]
+    for seed, first, last, dim in [(0, 0, 5, 8), (2**63 - 1, 3, 9, 5), (123_456_789_123, 2**31, 2**31 + 2, 16)]:
+        want = reference_noise(keys, seed, first, last, dim)
+        np.testing.assert_array_equal(_noise(keys, seed=seed, first=first, last=last, dim=dim), want)
 
 
 # ---- invariances ----------------------------------------------------------------------------------

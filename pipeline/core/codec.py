@@ -70,6 +70,25 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def signed64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding uint64 bits (torch's >> on int64 is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_bits(z: torch.Tensor) -> torch.Tensor:
+    """:func:`splitmix64` on an int64 tensor holding uint64 bits, on any device: two's-complement adds and
+    multiplies wrap to the same bits as unsigned ones."""
+    z = z + signed64(int(_GOLDEN))
+    z = (z ^ shift_right(z, 30)) * signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ shift_right(z, 27)) * signed64(0x94D049BB133111EB)
+    return z ^ shift_right(z, 31)
+
+
 def _column_hash(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     col = as_array(col)
     if pa.types.is_integer(col.type):
