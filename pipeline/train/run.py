@@ -392,7 +392,11 @@ def run_training(opts: TrainOptions) -> TrainResult:
     run_meta = recorded_run(ckpt_dir, data) if opts.resume else None
     lap("setup")
     # a local instance gets logical CPUs for the workers plus Ray Data's read tasks beside them
-    init_ray(opts.ray_address, num_cpus=max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker + 2))
+    init_ray(
+        opts.ray_address,
+        prestart_workers=False,
+        num_cpus=max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker + 2),
+    )
     lap("ray_start")
     if run_meta is not None:
         log.info("resuming the run recorded in %s", ckpt_dir)
