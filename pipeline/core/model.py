@@ -296,22 +296,25 @@ class VAE(nn.Module):
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         raw = self.generative(z)
         kl = self.kl(mean, log_var)
-        if not (self.training and self.config.train_mask > 0):
+        masked = None
+        if self.training and self.config.train_mask > 0:
+            seen = batch.observed
+            rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
+            seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
+            m_mean, m_log_var = self.inference(batch.values, seen, masked=True)
+            zm = m_mean + torch.exp(0.5 * m_log_var) * torch.randn_like(m_mean)
+            m_raw = self.generative(zm, frozen=True)
+            # both passes' likelihoods in one evaluation, [2, N, F]: half the likelihood ops of two calls,
+            # which bound a step of this size; stacked parameter by parameter, generative's layout
+            both = torch.stack([raw.movedim(-1, 0), m_raw.movedim(-1, 0)], 1).movedim(0, -1)
+            cols = self.column_log_prob(both, batch.values, torch.stack([batch.observed, seen]))
+            col, masked = cols[0], cols[1].sum(-1) - kl_weight * self.kl(m_mean, m_log_var)
+        else:
             col = self.column_log_prob(raw, batch.values, batch.observed)
-            recon = col.sum(-1)
-            return LossOutput(-(recon - kl_weight * kl).mean(), recon.detach(), kl.detach(), col.detach())
-        seen = batch.observed
-        rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
-        seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
-        m_mean, m_log_var = self.inference(batch.values, seen, masked=True)
-        zm = m_mean + torch.exp(0.5 * m_log_var) * torch.randn_like(m_mean)
-        m_raw = self.generative(zm, frozen=True)
-        # both passes' likelihoods in one evaluation, [2, N, F]: half the likelihood ops of two calls, which
-        # bound a step of this size; stacked parameter by parameter, generative's layout
-        both = torch.stack([raw.movedim(-1, 0), m_raw.movedim(-1, 0)], 1).movedim(0, -1)
-        cols = self.column_log_prob(both, batch.values, torch.stack([batch.observed, seen]))
-        col, recon, m_recon = cols[0], cols[0].sum(-1), cols[1].sum(-1)
-        loss = -(recon - kl_weight * kl).mean() - (m_recon - kl_weight * self.kl(m_mean, m_log_var)).mean()
+        recon = col.sum(-1)
+        loss = -(recon - kl_weight * kl).mean()
+        if masked is not None:
+            loss = loss - masked.mean()
         return LossOutput(loss, recon.detach(), kl.detach(), col.detach())
 
 

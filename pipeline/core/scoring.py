@@ -88,8 +88,8 @@ def record_noise(keys: torch.Tensor, seed: int, first: int, last: int, dim: int)
     Counter-based: two SplitMix64 hashes per draw give two uniforms (53 bits each), Box-Muller in float64
     gives a normal. Made where the model scores: a GPU gets no host round trip per decoder pass. The
     hashes are the same bits on every device; the draws too, but where a device's log or cos rounds a
-    float64 differently in its last bit and the cast to float32 shows it (on a CPU, equal to a numpy
-    implementation on 10 million draws: tests/test_vae.py).
+    float64 differently in its last bit and the cast to float32 shows it (on a CPU, bit for bit the numpy
+    reference of tests/helpers.py: tests/test_vae.py).
     """
     seed_hash = int(splitmix64(np.array([seed], dtype=np.uint64))[0])
     base = splitmix64_bits(keys ^ signed64(seed_hash))  # [N]
