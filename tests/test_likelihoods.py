@@ -425,3 +425,28 @@ def test_logsumexp_classes_is_logsumexp_in_any_layout_with_its_gradient():
         ours.sum().backward()
         softmax = np.exp(logits.detach().numpy() - ref[..., None])  # d/dx logsumexp: the softmax, 0 at padding
         np.testing.assert_allclose(x.grad.numpy(), softmax, rtol=1e-12, atol=1e-300)
+
+
+def test_broadcast_shape_is_torchs_rule_without_importing_sympy():
+    # torch.broadcast_shapes imports sympy on its first call (half a second of CPU in every new process's
+    # first batch); the families' own rule must give torch's shapes and leave sympy unimported
+    import subprocess
+    import sys
+
+    from pipeline.core.likelihoods.base import broadcast_shape
+
+    for shapes in [((3, 1, 5), (4, 5)), ((1,), (7, 2)), ((2, 3), ()), ((0, 1), (1, 6)), ((5,), (5,))]:
+        assert broadcast_shape(*shapes) == torch.broadcast_shapes(*shapes)
+    with pytest.raises(ValueError):
+        broadcast_shape((3, 2), (4, 2))
+    code = (
+        "import sys, torch\n"
+        "from pipeline.core.likelihoods import Categorical, Ordinal\n"
+        "for fam in (Categorical('k', ['a', 'b', 'c'], oov_mass=0.1), Categorical('k', ['a', 'b', 'c']),"
+        " Ordinal('o', ['lo', 'mid', 'hi'])):\n"
+        "    raw = torch.zeros(1, fam.n_params, dtype=torch.float64)\n"
+        "    fam.log_prob(raw, torch.tensor([0.0, 1.0, 2.0]))\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

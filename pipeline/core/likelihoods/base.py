@@ -288,6 +288,12 @@ def log_ndtr(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_shape(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` by numpy's rule: torch's own imports sympy on its first call (about 0.5 s
+    of CPU, paid in every new scoring and training process on its first batch)."""
+    return torch.Size(np.broadcast_shapes(*shapes))
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

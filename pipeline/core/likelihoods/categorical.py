@@ -30,6 +30,7 @@ from pipeline.core.likelihoods.base import (
     LOGIT_BOUND,
     EncodedColumn,
     LabelFamily,
+    broadcast_shape,
     index_labels,
     logsumexp_classes,
     to_labels,
@@ -132,14 +133,14 @@ class Categorical(LabelFamily):
         idx = value.long()
         if self.oov_mass is None:
             logp = self.params(raw)
-            shape = torch.broadcast_shapes(logp.shape[:-1], idx.shape)  # raw may be one row for all records
+            shape = broadcast_shape(logp.shape[:-1], idx.shape)  # raw may be one row for all records
             return torch.gather(logp.expand(*shape, logp.shape[-1]), -1, idx.expand(shape).unsqueeze(-1)).squeeze(-1)
         # params' log-probabilities at the observed class only: the observed logit less the log-normaliser,
         # without the [..., classes] table of log_softmax (the same float64 numbers, a fraction of the work)
         logits = self._logits(raw)
         # a stack: each column's out-of-vocabulary class is its own vocabulary size
         oov = idx == (self._n_vocab if self._n_vocab is not None else len(self.vocab))
-        shape = torch.broadcast_shapes(logits.shape[:-1], idx.shape)
+        shape = broadcast_shape(logits.shape[:-1], idx.shape)
         at = torch.where(oov, 0, idx).expand(shape).unsqueeze(-1)  # class 0 stands in for the oov rows (masked below)
         picked = torch.gather(logits.expand(*shape, logits.shape[-1]), -1, at).squeeze(-1)
         mass = torch.as_tensor(self.oov_mass, dtype=logits.dtype, device=logits.device)

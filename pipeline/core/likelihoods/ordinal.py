@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pipeline.core.likelihoods.base import (
     EncodedColumn,
     LabelFamily,
+    broadcast_shape,
     index_labels,
     log1mexp,
     to_labels,
@@ -34,7 +35,7 @@ GAP = 1e-4
 def cumulative_logit_log_prob(thresholds: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """thresholds [..., L-1] increasing, k [...] level index in 0..L-1 -> log P(y = k)."""
     n_levels = thresholds.shape[-1] + 1
-    shape = torch.broadcast_shapes(thresholds.shape[:-1], k.shape)  # thresholds may be one row for all records
+    shape = broadcast_shape(thresholds.shape[:-1], k.shape)  # thresholds may be one row for all records
     thresholds = thresholds.expand(*shape, n_levels - 1)
     k = k.long().expand(shape)
     upper = torch.gather(thresholds, -1, k.clamp(max=n_levels - 2).unsqueeze(-1)).squeeze(-1)
