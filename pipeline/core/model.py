@@ -349,9 +349,12 @@ class Layout:
     def column_log_prob(self, raw: torch.Tensor, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """raw parameters [..., N, P'] in the grouped order -> log p(x_j) float64 [..., N, F], 0 where missing."""
         raw = raw.double()  # the layout kept: generative's output, parameter by parameter
+        # one split, not a slice per group: a slice's gradient is a zero-filled copy of the whole raw output
+        # (for each group), a split's is one concatenation
+        slices = torch.split(raw, [g.stop - g.start for g in self.groups], dim=-1)
         parts = [
-            g.family.log_prob(raw[..., g.start : g.stop].unflatten(-1, (len(g.columns), -1)), values[:, g.columns])
-            for g in self.groups
+            g.family.log_prob(r.unflatten(-1, (len(g.columns), -1)), values[:, g.columns])
+            for g, r in zip(self.groups, slices, strict=True)
         ]
         logp = torch.cat(parts, dim=-1)[..., self.feature_order]
         return torch.where(observed, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
