@@ -106,6 +106,15 @@ def test_mixture_prior_density_and_kl_against_torch_distributions():
         mean, log_var = torch.randn(30, 3, generator=g) * 1.5, torch.randn(30, 3, generator=g) - 1
         kl = model.kl(mean, log_var)
     torch.testing.assert_close(kl, _reference_kl(model, mean, log_var), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # far from the prior (the expanded square stays exact) and on a component (KL 0)
+        far_mean, far_lv = torch.randn(30, 3, generator=g) * 1e3, torch.randn(30, 3, generator=g) * 4
+        torch.testing.assert_close(
+            model.kl(far_mean, far_lv), _reference_kl(model, far_mean, far_lv), rtol=1e-10, atol=1e-10
+        )
+        on = model.kl(model.prior_mean.detach(), model.prior_log_var.detach())
+    assert (on >= 0).all()
+    torch.testing.assert_close(on, _reference_kl(model, model.prior_mean.detach(), model.prior_log_var.detach()),
+                               rtol=1e-10, atol=1e-10)
     q = Independent(Normal(mean.double(), torch.exp(0.5 * log_var.double())), 1)
     zs = q.sample((200_000,))
     true_kl = (q.log_prob(zs) - prior.log_prob(zs)).mean(0)

@@ -411,9 +411,15 @@ def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tenso
 def kl_mixture_bound(mean, log_var, logits, p_mean, p_log_var) -> torch.Tensor:
     """Closed-form upper bound on KL(q || sum_c pi_c N(mu_c, diag s_c^2)): -log sum_c pi_c exp(-KL(q || p_c)),
     the KL of the joint latent (c, z) with q(c | x) the optimal responsibilities; >= the KL of z, >= 0."""
-    m, lv = mean.double()[..., None, :], log_var.double()[..., None, :]
+    m, lv = mean.double(), log_var.double()
     pm, plv = p_mean.double(), p_log_var.double()
-    kl_c = 0.5 * (plv - lv + (torch.exp(lv) + (m - pm).pow(2)) * torch.exp(-plv) - 1.0).sum(-1)  # [..., C]
+    prec = torch.exp(-plv)  # [C, D]
+    # KL(q || p_c) = 1/2 sum_d [plv - lv + (exp(lv) + (m - pm)^2) / exp(plv) - 1], the square expanded into
+    # two [..., D] x [D, C] products as in log_prior: no [..., C, D] tensor (each one, and its gradient, a
+    # fresh allocation of N * C * D float64 per op); >= 0 exactly, so the clamp takes off rounding only
+    const = (plv + pm.pow(2) * prec - 1.0).sum(-1)  # [C]
+    quad = (torch.exp(lv) + m.pow(2)) @ prec.T - 2.0 * (m @ (pm * prec).T)  # [..., C]
+    kl_c = (0.5 * (quad + const - lv.sum(-1, keepdim=True))).clamp_min(0.0)
     return -torch.logsumexp(torch.log_softmax(logits.double(), -1) - kl_c, -1)
 
 
