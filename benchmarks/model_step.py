@@ -91,7 +91,7 @@ def bench(name: str, steps: int, batch_size: int, rounds: int, samples: int) -> 
     with torch.no_grad():
         x_min = [default.encoder_input(b.values, b.observed) for b in batches]
     mini = minimal_vae(x_min[0].shape[1], cfg.hidden, cfg.latent_dim)
-    mini_opt = torch.optim.AdamW(mini.parameters(), lr=2e-3)
+    mini_opt = torch.optim.AdamW(mini.parameters(), lr=2e-3, fused=True)  # the fastest update, as vaepipe's
     score_batches = batches[: max(1, steps // 20)]
 
     def run_minimal():
