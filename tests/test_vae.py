@@ -432,6 +432,16 @@ def test_stacked_evaluation_is_each_column_by_itself():
     views = [f.encoder_input(batch.values[:, j]) * batch.observed[:, j : j + 1] for j, f in enumerate(families)]
     want_x = torch.cat([*views, batch.observed.float()], -1)
     torch.testing.assert_close(model.encoder_input(batch.values, batch.observed), want_x, rtol=0, atol=0)
+    # the views computed once serve any mask (the masked pass, the conditional scores): the same input
+    views = model.encoder_views(batch.values)
+    seen = batch.observed & (torch.rand(batch.observed.shape, generator=torch.Generator().manual_seed(1)) > 0.5)
+    for mask in (batch.observed, seen):
+        torch.testing.assert_close(
+            model.encoder_input(batch.values, mask, views), model.encoder_input(batch.values, mask), rtol=0, atol=0
+        )
+    want_seen = torch.cat([*(f.encoder_input(batch.values[:, j]) * seen[:, j : j + 1] for j, f in enumerate(families)),
+                           seen.float()], -1)  # fmt: skip
+    torch.testing.assert_close(model.encoder_input(batch.values, seen, views), want_seen, rtol=0, atol=0)
 
 
 # ---- the linear start ------------------------------------------------------------------------------

@@ -195,26 +195,38 @@ class VAE(nn.Module):
             self._layout[key] = Layout.build(self.families, device)
         return self._layout[key]
 
-    def encoder_input(self, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """[N, F] values and mask -> [N, enc_in] float32: each feature's encoder view (0 where missing),
-        in feature order, then the mask."""
+    def encoder_views(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, F] values -> [N, enc_width] float32: each feature's encoder view, in feature order, whatever
+        the mask (a missing value's placeholder has its view too). It depends on the values only: the
+        passes that see a record under different masks (training's masked pass, the conditional scores)
+        compute it once and hand it to :meth:`encoder_input`."""
         lay = self.layout(values.device)
         x = torch.zeros((values.shape[0], lay.enc_slots), dtype=torch.float32, device=values.device)
         for g in lay.groups:
-            part = g.family.encoder_input(values[:, g.columns]) * observed[:, g.columns, None]
-            x[:, g.enc_positions] = part.reshape(values.shape[0], -1)
-        return torch.cat([x[:, : lay.enc_width], observed.float()], dim=-1)
+            x[:, g.enc_positions] = g.family.encoder_input(values[:, g.columns]).reshape(values.shape[0], -1)
+        return x[:, : lay.enc_width]
+
+    def encoder_input(
+        self, values: torch.Tensor, observed: torch.Tensor, views: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[N, F] values and mask -> [N, enc_in] float32: each feature's encoder view (0 where missing),
+        in feature order, then the mask. ``views``: :meth:`encoder_views` of these values, if at hand."""
+        lay = self.layout(values.device)
+        if views is None:
+            views = self.encoder_views(values)
+        return torch.cat([views * observed[:, lay.enc_features], observed.float()], dim=-1)
 
     @property
     def has_mask_encoder(self) -> bool:
         return hasattr(self, "mask_encoder")
 
     def inference(
-        self, values: torch.Tensor, observed: torch.Tensor, masked: bool = False
+        self, values: torch.Tensor, observed: torch.Tensor, masked: bool = False, views: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mean, log-variance) of q(z|x), each [N, D]. ``masked``: q(z | x_S) of the masked pass's
-        encoder (the conditional scores' proposal), where the model has one; else the main encoder."""
-        x = self.encoder_input(values, observed).to(self.q_head.weight.dtype)
+        encoder (the conditional scores' proposal), where the model has one; else the main encoder.
+        ``views``: :meth:`encoder_views` of these values, if at hand."""
+        x = self.encoder_input(values, observed, views).to(self.q_head.weight.dtype)
         prefix = "mask_" if masked and self.has_mask_encoder else ""
         head = getattr(self, f"{prefix}q_head")
         weight = head.weight if self.nonlinear else head.weight * 0.0
@@ -292,7 +304,8 @@ class VAE(nn.Module):
         the records with features hidden at random, of the shown features only, through a frozen
         decoder: the encoder learns q(z | x_S) ~ p(z | x_S) for any subset S (the proposal of the
         conditional scores) while the decoder learns from whole records alone."""
-        mean, log_var = self.inference(batch.values, batch.observed)
+        views = self.encoder_views(batch.values)  # both passes' encoders see the same values
+        mean, log_var = self.inference(batch.values, batch.observed, views=views)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         raw = self.generative(z)
         kl = self.kl(mean, log_var)
@@ -301,7 +314,7 @@ class VAE(nn.Module):
             seen = batch.observed
             rate = torch.rand(seen.shape[0], 1, device=seen.device) * self.config.train_mask
             seen = seen & (torch.rand(seen.shape, device=seen.device) >= rate)
-            m_mean, m_log_var = self.inference(batch.values, seen, masked=True)
+            m_mean, m_log_var = self.inference(batch.values, seen, masked=True, views=views)
             zm = m_mean + torch.exp(0.5 * m_log_var) * torch.randn_like(m_mean)
             m_raw = self.generative(zm, frozen=True)
             # both passes' likelihoods in one evaluation, [2, N, F]: half the likelihood ops of two calls,
@@ -345,6 +358,7 @@ class Layout:
     spread_base: torch.Tensor  # [S] which of spread_base (feature order) each one takes
     enc_width: int  # the encoder view's width (the mask follows it)
     enc_slots: int  # enc_width plus the spare slots the padding of stacks writes to
+    enc_features: torch.Tensor  # [enc_width] the feature each slot of the encoder view belongs to
 
     def column_log_prob(self, raw: torch.Tensor, values: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """raw parameters [..., N, P'] in the grouped order -> log p(x_j) float64 [..., N, F], 0 where missing."""
@@ -399,6 +413,7 @@ class Layout:
             longs(spread_base),
             e_off[-1],
             spare,
+            longs([j for j, f in enumerate(families) for _ in range(f.enc_width)]),
         )
 
 

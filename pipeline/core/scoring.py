@@ -177,13 +177,14 @@ def conditional_log_density(model: VAE, batch: EncodedBatch, samples: int = DEFA
     out = torch.full((n, n_feat), math.nan, dtype=torch.float64, device=device)
     chunk = samples_per_pass(n, device)
     present = batch.observed.any(0).tolist()  # on the host: no device round trip per feature
+    views = model.encoder_views(values)  # the same for every feature's mask
     for j in range(n_feat):
         if not present[j]:
             continue
         rows = observed[:, j]
         hidden = observed.clone()
         hidden[:, j] = False
-        mean, log_var = model.inference(values, hidden, masked=True)
+        mean, log_var = model.inference(values, hidden, masked=True, views=views)
         std = torch.exp(0.5 * log_var)
         log_det = 0.5 * log_var.double().sum(-1)
         lse_all = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
