@@ -340,3 +340,23 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     tensors, meta = read_checkpoint(best)
     assert meta["epoch"] == 1 and float(tensors["model.w"][0]) == 1.0
     assert newest_checkpoint(str(tmp_path / "absent")) is None
+
+
+def test_a_local_instance_runs_ray_train_without_preemption_watcher_or_metrics_unless_asked():
+    # a local instance has no node drains to watch and no dashboard to export metrics to: its processes get
+    # both switched off (about 2.5 s of CPU on a job's start); a value the user set wins
+    code = (
+        "import json, os, ray\n"
+        "from pipeline.runtime import init_ray\n"
+        "init_ray(prestart_workers=False, num_cpus=1)\n"
+        "names = ('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER', 'RAY_TRAIN_METRICS_ENABLED')\n"
+        "worker = ray.get(ray.remote(lambda: [os.environ.get(n) for n in names]).remote())\n"
+        "print(json.dumps({'driver': [os.environ.get(n) for n in names], 'worker': worker}))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TRAIN_METRICS_ENABLED": "1"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"driver": ["0", "1"], "worker": ["0", "1"]}
