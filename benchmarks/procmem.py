@@ -1,7 +1,9 @@
-"""Benchmark helpers: run a command as a child process and sample the memory of its whole process tree.
+"""Benchmark helpers: run a command as a child process and sample the memory and CPU of its whole process tree.
 
 Memory is the peak, sampled every 50 ms, of the summed PSS (proportional set size: shared pages counted
-once) of the child and every process it started (Ray's raylet, GCS, workers). Linux only (reads /proc).
+once) of the child and every process it started (Ray's raylet, GCS, workers). CPU is each process's user
+plus system time at its last sample, summed by what the process is (:func:`process_name`): where a job's
+CPU goes beside its own work. Linux only (reads /proc).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -36,6 +39,34 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_and_title(pid: int) -> tuple[float, str] | None:
+    """(user + system CPU seconds, command line) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline") as f:
+            title = f.read().replace("\0", " ").strip()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, title
+
+
+def process_name(title: str, root: bool = False) -> str:
+    """What a process of a job's tree is: the job itself, a Ray worker by its task or actor (``ray::X``),
+    or a Ray daemon by its program."""
+    if root:
+        return "the job's own process"
+    if title.startswith("ray::"):
+        name = title[5:].split()[0] if title[5:].split() else "?"
+        return "ray worker, idle" if name == "IDLE" else f"ray::{name.split('.')[0]}"
+    words = title.split()
+    prog = next((w for w in words[1:] if w.endswith(".py")), words[0] if words else "?")
+    return os.path.basename(prog)
+
+
 def _pss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -51,6 +82,7 @@ def _pss_kib(pid: int) -> int:
 class ChildRun:
     seconds: float  # wall clock, spawn to exit
     peak_mib: float  # peak summed PSS of the process tree
+    cpu_by_process: dict[str, float]  # CPU seconds of the tree's processes, summed by process_name
     returncode: int
     stdout: str
     stderr: str
@@ -62,10 +94,18 @@ def run_child(argv: list[str], cwd: str, env: dict | None = None, timeout: float
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     stop = threading.Event()
+    cpu_of: dict[int, float] = {}  # pid -> CPU seconds at its last sample
+    titles: dict[int, Counter] = {}  # pid -> how often each title was seen (a Ray worker's is its task's)
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _children(proc.pid)))
+            pids = _children(proc.pid)
+            peak[0] = max(peak[0], sum(_pss_kib(p) for p in pids))
+            for p in pids:
+                got = _cpu_and_title(p)
+                if got is not None:
+                    cpu_of[p] = got[0]
+                    titles.setdefault(p, Counter())[got[1]] += 1
             time.sleep(0.05)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -76,7 +116,20 @@ def run_child(argv: list[str], cwd: str, env: dict | None = None, timeout: float
         stop.set()
         t.join()
     seconds = time.perf_counter() - t0
-    run = ChildRun(seconds, peak[0] / 1024, proc.returncode, out, err)
+    cpu: dict[str, float] = {}
+    for p, secs in cpu_of.items():
+        # a worker is named by the task or actor it ran most often, not by the IDLE it shows between tasks
+        busy = [(n, t) for t, n in titles[p].items() if t and not t.startswith("ray::IDLE")]
+        idle = "ray::IDLE" if any(t.startswith("ray::IDLE") for t in titles[p]) else "?"
+        name = process_name(max(busy)[1] if busy else idle, root=p == proc.pid)
+        cpu[name] = cpu.get(name, 0.0) + secs
+    run = ChildRun(seconds, peak[0] / 1024, dict(sorted(cpu.items(), key=lambda kv: -kv[1])), proc.returncode, out, err)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{err[-3000:]}")
     return run
+
+
+def cpu_line(run: ChildRun, top: int = 12) -> str:
+    """'CPU s by process: total T; name s, name s, ...' (the largest first)."""
+    parts = [f"{name} {secs:.1f}" for name, secs in list(run.cpu_by_process.items())[:top]]
+    return f"CPU s by process: total {sum(run.cpu_by_process.values()):.1f} in {run.seconds:.1f} s; " + ", ".join(parts)

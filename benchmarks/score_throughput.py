@@ -21,7 +21,8 @@ Arms, each on the same files:
 * ``decoder floor``: the decoder network alone (``model.generative``) on max(S, K) latent samples per
   record, one thread, batches of --batch-size: what no scorer can beat on this model;
 * ``e2e 10k`` / ``e2e 10x``: ``vaepipe score`` as a user runs it (a fresh process starting its own local
-  Ray) on 10,000 rows and on 100,000 rows; wall clock and peak memory (PSS of the job's process tree).
+  Ray) on 10,000 rows and on 100,000 rows; wall clock, peak memory (PSS of the job's process tree) and
+  the CPU time of each of its processes (the job's own, Ray's workers by task or actor, Ray's daemons).
 
 The machine may be shared: ratios of arms measured in the same run mean more than absolute figures, and
 the load average is printed with the table.
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import DATA, dataset_spec  # noqa: E402
-from procmem import load_line, run_child  # noqa: E402
+from procmem import cpu_line, load_line, run_child  # noqa: E402
 
 from jobs import score  # noqa: E402
 from pipeline.core import artifact  # noqa: E402
@@ -140,6 +141,7 @@ def e2e(data: Path, model_dir: str, out: Path, args) -> tuple[float, float]:
     cmd += ["--run-date", "2026-01-01", "--mc-samples", str(args.mc_samples), "--iw-samples", str(args.iw_samples)]
     cmd += ["--workers", str(max(args.workers))]
     run = run_child(cmd, cwd=str(ROOT))
+    print(f"  {cpu_line(run)}", flush=True)
     return run.seconds, run.peak_mib
 
 

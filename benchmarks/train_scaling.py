@@ -13,7 +13,8 @@ mixed columns, --rows records, 8 shards; --million makes it 1,000,000):
   the job's own figure (training rows over the epoch's training time, data loading included), the median
   of epochs 2.. (the first one also reads and encodes the shard); ``fixed`` is the job's wall clock
   minus its epochs (Ray start, pre-flight, statistics, split, Ray Train start, reference scores,
-  baseline, artifact), with its phases from the job's own timings;
+  baseline, artifact), with its phases from the job's own timings and the CPU time of each process of
+  its tree (the job's own, Ray Train's controller, workers and helpers, Ray's daemons);
 * rows per CPU-second: training rows over the CPU time of the steps (the plain loop's process, the sum of
   the workers' processes): the cost per row, which a loaded machine changes far less than wall clock;
 * peak memory (PSS of the job's whole process tree, Ray included) of the 1-worker job on adult and on 10x
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procmem import load_line, run_child  # noqa: E402
+from procmem import cpu_line, load_line, run_child  # noqa: E402
 
 from pipeline.core import artifact  # noqa: E402
 
@@ -137,6 +138,7 @@ def ray_job(data: str, spec_path: str, workdir: Path, workers: int, epochs: int,
         "wall_s": run.seconds,
         "peak_mib": run.peak_mib,
         "phases": phases,
+        "cpu": cpu_line(run),
     }
 
 
@@ -146,6 +148,8 @@ def summary(r: dict) -> str:
     out = f"rows/s per epoch {r['rows_per_s']:,.0f}, rows per CPU-second {r['rows_per_cpu_s']:,.0f}; {load_line()}"
     if "phases" in r:
         out += f"\n  phases (s): {json.dumps({k: round(v, 1) for k, v in r['phases'].items()})}"
+    if "cpu" in r:
+        out += f"\n  {r['cpu']}"
     return out
 
 
