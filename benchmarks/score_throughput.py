@@ -54,7 +54,8 @@ from procmem import cpu_line, load_line, run_child  # noqa: E402
 from jobs import score  # noqa: E402
 from pipeline.core import artifact  # noqa: E402
 from pipeline.core.artifact import load_model, save_model  # noqa: E402
-from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score  # noqa: E402
+from pipeline.score.scorer import split_and_score  # noqa: E402
+from pipeline.score.settings import ScoreSettings, output_schemas, serialize_schema  # noqa: E402
 from schemas.output_table import PARQUET_COMPRESSION, ROW_GROUP_ROWS  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def train_model(model_dir: Path, epochs: int, latent_dim: int, hidden: list[int]
 def plain_loop(data: Path, model_dir: str, out: Path, args, conditional: bool = True) -> int:
     """The job's scoring in one process; ``conditional=False``: without the per-column conditional scores
     (``--conditional-samples 0``), the S and K samples alone, as the decoder floor counts them."""
-    from pipeline.core.scoring import DEFAULT_CONDITIONAL_SAMPLES
+    from pipeline.core.defaults import DEFAULT_CONDITIONAL_SAMPLES
 
     torch.set_num_threads(1)
     art = load_model(model_dir)

@@ -63,13 +63,13 @@ def read_run(args):
 
 
 def run(args) -> int:
-    from pipeline.core.artifact import load_model
+    from pipeline.core.artifact import read_model
 
     for name in ("max_below_01", "max_below_1", "max_ks"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
     log.info("checking the run of %s in %s against the reference of %s", args.run_date, args.scores, args.model_dir)
-    meta = load_model(args.model_dir).meta
+    meta = read_model(args.model_dir).meta
     reference = meta.get("reference") or {}
     if "log_marginal" not in reference:
         raise UsageError(f"{args.model_dir}: the model stores no log_marginal reference (trained with --iw-samples 0)")

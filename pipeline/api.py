@@ -49,9 +49,9 @@ import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model, new_artifact, write_artifact
 from pipeline.core.codec import EncodedBatch, TableCodec, fit_families, merge_stats, partial_stats
+from pipeline.core.defaults import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.model import VAE, sized_config
 from pipeline.core.reference import baseline_summary, reference_scores
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import Phases, evaluate, kl_weight, make_optimizer, train_step
 from pipeline.errors import InputDataError, UsageError, VaepipeError
 from pipeline.io.inputs import preflight
@@ -179,7 +179,8 @@ class Model:
 
         The same estimators, noise and table building as ``vaepipe score`` with the same samples and
         seed: a record's numbers do not depend on the batch it is scored in (beyond float rounding)."""
-        from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score
+        from pipeline.score.scorer import split_and_score
+        from pipeline.score.settings import ScoreSettings, output_schemas, serialize_schema
 
         if mc_samples < 1 or iw_samples < 0 or batch_size < 1:
             raise UsageError("mc_samples and batch_size must be at least 1, iw_samples at least 0")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.core.reference import REFERENCE_QUANTILES
+from pipeline.core.defaults import REFERENCE_QUANTILES
 
 REFERENCE_PROBS = REFERENCE_QUANTILES.round(4)  # as model.json stores them
 DEFAULT_MAX_BELOW_01 = 0.005  # 5x the 0.1% a run like the validation data has

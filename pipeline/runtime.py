@@ -163,7 +163,7 @@ RAY_NOISE = (
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # What a local instance's processes get (a value already in the environment wins):
 # * an idle worker process beyond one per CPU lives 30 s instead of 1 s, so the scoring tasks find the process
-#   that imported torch and loaded the model (pipeline.score.scorer.warm_scorer) still there after Ray Data's
+#   that imported torch and loaded the model (pipeline.score.settings.warm_scorer) still there after Ray Data's
 #   planning;
 # * Ray Train's preemption watcher (an actor polling for node drains, which a local instance never has) and
 #   its metrics (exported through a dashboard that a local instance does not run) are off: together about

@@ -77,6 +77,30 @@ print("ok", len({modules!r}))
     assert r.stdout.startswith("ok")
 
 
+def test_the_drivers_that_build_no_model_import_no_torch():
+    """The scoring driver (which reads the model's description; its workers build the model), the drift
+    check, query and report start without torch: about 2 s of CPU and 200 MB each (the scoring job's run
+    itself is tested without torch in tests/test_score_job.py)."""
+    code = """
+import importlib, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not importable in this test")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+for name in ["jobs.score", "jobs.check", "jobs.query", "jobs.report", "pipeline.score.run", "pipeline.score.settings",
+             "pipeline.core.artifact", "pipeline.core.defaults", "pipeline.check"]:
+    importlib.import_module(name)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
+
+
 def test_imports_point_one_way():
     offences = []
     for path in sorted((ROOT / "pipeline").rglob("*.py")):

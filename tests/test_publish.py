@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.io import storage
 from pipeline.score import publish
-from pipeline.score.scorer import write_table
+from pipeline.score.publish import write_table
 
 SCHEMA = pa.schema([pa.field("record_id", pa.int64(), nullable=False), ("x", pa.float64())])
 QSCHEMA = pa.schema([("record_id", pa.int64()), ("reason", pa.string()), ("column", pa.string())])

@@ -257,7 +257,8 @@ def test_good_turing_oov_mass_and_normalisation():
 # ---- the new columns in the scores table ---------------------------------------------------------------
 def test_scores_table_new_columns_and_switches(relation_model, tmp_path):
     from pipeline.core.artifact import load_model, save_model
-    from pipeline.score.scorer import ScoreSettings, output_schemas, serialize_schema, split_and_score
+    from pipeline.score.scorer import split_and_score
+    from pipeline.score.settings import ScoreSettings, output_schemas, serialize_schema
 
     spec, table, _, codec, model = relation_model
     valid = codec.encode(table.slice(1300, 100))

@@ -28,15 +28,8 @@ from pipeline.core.model import VAE, VAEConfig
 from pipeline.errors import FAIL_AT_ENV, UsageError
 from pipeline.io import storage
 from pipeline.score import publish, reader
-from pipeline.score.scorer import (
-    BatchScorer,
-    ModelChanged,
-    ScoreSettings,
-    process_scorer,
-    score_block,
-    serialize_schema,
-    warm_scorer,
-)
+from pipeline.score.scorer import BatchScorer, ModelChanged, process_scorer
+from pipeline.score.settings import ScoreSettings, score_block, serialize_schema, warm_scorer
 from pipeline.train import run as train_run
 from schemas.feature_spec import FeatureSpec
 
@@ -305,7 +298,7 @@ def test_models_are_versioned_and_the_pointer_is_resolved_once(tmp_path):
 
 
 def test_a_worker_process_keeps_one_scorer_per_run(model_dir, tmp_path):
-    # the scoring tasks of a run share one BatchScorer per worker process (pipeline.score.scorer.score_block)
+    # the scoring tasks of a run share one BatchScorer per worker process (pipeline.score.settings.score_block)
     table = tiny_table(50)
     run = ScoreSettings(
         model_dir=model_dir, run_id="a", input_schema=serialize_schema(table.schema), iw_samples=8,

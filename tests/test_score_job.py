@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +358,47 @@ def test_whole_file_problems_stop_before_anything_is_written(model_dir, tmp_path
     assert run_score(data, model_dir, out, run_date="2026-13-01") == 2
     assert run_score(data, model_dir, out, "--iw-samples", "-1") == 2
     assert not out.exists()
+
+
+def test_the_scoring_driver_never_imports_torch(model_dir, ray_local, tmp_path):
+    """The job's driver plans, reconciles and publishes from the model's description: a driver in which
+    torch cannot be imported scores a file and publishes (the workers, the session's, load the model), and
+    the scores match the ones a driver with torch writes."""
+    data = tmp_path / "in.parquet"
+    pq.write_table(pq.read_table(ADULT_MISSING).slice(0, 600), data)
+    code = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not importable in this driver")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the torch blocker does not work")
+from jobs import score
+
+sys.exit(score.main(sys.argv[1:]))
+"""
+    out = tmp_path / "scores"
+    args = ["--data", str(data), "--model-dir", model_dir, "--output", str(out), "--run-date", DATE, *SAMPLES]
+    address = ray_local.get_runtime_context().gcs_address
+    r = subprocess.run([sys.executable, "-c", code, *args, "--ray-address", address], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "scored 600 rows" in r.stdout
+    here = tmp_path / "scores_here"
+    assert run_score(data, model_dir, here) == 0
+    a, b = read_partition(out), read_partition(here)
+    assert a.num_rows == 600 and a.column("model_id").to_pylist() == b.column("model_id").to_pylist()
+    for column in ("recon_log_density", "kl", "log_marginal"):
+        np.testing.assert_array_equal(a.column(column).to_numpy(), b.column(column).to_numpy())
 
 
 # ---- S3 ------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ trained, whole, under its id, and names the latest with a small pointer written 
 
 A retrained model never changes a version another reader has resolved. :func:`resolve_model` turns a
 model directory (pointer), or a plain artifact directory, into one artifact directory and its id;
-:func:`load_model` reads either.
+:func:`load_model` reads either. :func:`read_model` reads a model's description and checks it against its
+weights without building the model: this module imports torch only where a model is built or written, so
+the scoring driver, which needs the spec, the id and the latent width, never imports it.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ import platform
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from pipeline.core.codec import TableCodec, families_from_json, families_to_json
-from pipeline.core.model import VAE, VAEConfig
 from pipeline.errors import UsageError
 from pipeline.io import storage
 from schemas.feature_spec import FeatureSpec
+
+if TYPE_CHECKING:  # torch is imported where a model is built or written, not by a reader of model.json
+    import torch
+
+    from pipeline.core.codec import TableCodec
+    from pipeline.core.model import VAE
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -63,14 +65,39 @@ class ModelArtifact:
         return self.meta["model_id"]
 
     @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+    @property
     def codec(self) -> TableCodec:
+        from pipeline.core.codec import TableCodec
+
         return TableCodec(self.spec, self.model.families)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as its model.json describes it, checked against its weights (:func:`read_model`): what the
+    scoring driver needs, read without torch."""
+
+    spec: FeatureSpec
+    meta: dict[str, Any]
+    location: str  # the artifact directory it was read from (a pointer resolved)
+
+    @property
+    def model_id(self) -> str:
+        return self.meta["model_id"]
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.meta["model_config"]["latent_dim"])
 
 
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import pyarrow
+    import torch
 
     import pipeline
 
@@ -88,6 +115,8 @@ def library_versions() -> dict[str, str]:
 
 
 def _weights_bytes(model: VAE) -> bytes:
+    from safetensors.torch import save as st_save
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return st_save(state, metadata={"format": "pt"})
 
@@ -101,6 +130,8 @@ def content_hash(weights: bytes, meta: dict[str, Any]) -> str:
 
 def build_meta(model: VAE, spec: FeatureSpec, **extra: Any) -> dict[str, Any]:
     """The model.json body, without model_id. ``extra``: train_config, metrics, data, reference..."""
+    from pipeline.core.codec import families_to_json
+
     return {
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
@@ -198,8 +229,7 @@ def publish_model(model_dir: str, model: VAE, spec: FeatureSpec, **extra: Any) -
     return model_id
 
 
-def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtifact:
-    """Read a model: a model directory (its LATEST pointer resolved) or a plain artifact directory."""
+def _read(model_dir: str) -> tuple[ModelInfo, bytes]:
     resolved = resolve_model(model_dir)
     model_dir = resolved.location
     try:
@@ -211,11 +241,27 @@ def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtif
     if meta.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{model_dir}: unsupported model format {meta.get('format_version')}")
     spec = FeatureSpec.from_dict(meta["spec"], source=f"{model_dir}/{META}")
-    families = families_from_json(meta["families"])
-    model = VAE(families, VAEConfig.from_dict(meta["model_config"]))
     weights = storage.read_bytes(storage.join(model_dir, WEIGHTS))
     if content_hash(weights, meta) != meta["model_id"]:
         raise UsageError(f"{model_dir}: weights or model.json do not match model_id {meta['model_id']}")
+    return ModelInfo(spec, meta, model_dir), weights
+
+
+def read_model(model_dir: str) -> ModelInfo:
+    """A model's description (a model directory's pointer resolved, or a plain artifact directory), its
+    weights and model.json checked against its id as :func:`load_model` checks them; no model is built."""
+    return _read(model_dir)[0]
+
+
+def load_model(model_dir: str, device: str | torch.device = "cpu") -> ModelArtifact:
+    """Read a model: a model directory (its LATEST pointer resolved) or a plain artifact directory."""
+    from safetensors.torch import load as st_load
+
+    from pipeline.core.codec import families_from_json
+    from pipeline.core.model import VAE, VAEConfig
+
+    info, weights = _read(model_dir)
+    model = VAE(families_from_json(info.meta["families"]), VAEConfig.from_dict(info.meta["model_config"]))
     model.load_state_dict(st_load(weights))
     model.to(device).eval()
-    return ModelArtifact(model, spec, meta, model_dir)
+    return ModelArtifact(model, info.spec, info.meta, info.location)

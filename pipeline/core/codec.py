@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.core.likelihoods import FAMILIES, Family, family_from_state
-from pipeline.core.likelihoods.base import as_array
 from pipeline.errors import InputDataError
+from pipeline.io.columns import as_array
 from schemas.feature_spec import FeatureSpec
 
 # ---- statistics ----------------------------------------------------------------------------------

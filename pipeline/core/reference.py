@@ -20,10 +20,10 @@ import torch
 
 from pipeline.core.baseline import IndependentBaseline
 from pipeline.core.codec import EncodedBatch
+from pipeline.core.defaults import REFERENCE_QUANTILES
 from pipeline.core.model import VAE
 from pipeline.core.scoring import reference_values, score_batch
 
-REFERENCE_QUANTILES = np.linspace(0.0, 1.0, 1001)  # 0.1% steps
 BASELINE_STEPS = 60  # L-BFGS iterations of the independent-columns baseline (free constants: converges fast)
 
 

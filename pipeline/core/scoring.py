@@ -43,12 +43,10 @@ import numpy as np
 import torch
 
 from pipeline.core.codec import EncodedBatch, shift_right, signed64, splitmix64, splitmix64_bits
+from pipeline.core.defaults import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.likelihoods.base import LOG_2PI
 from pipeline.core.model import VAE
 
-DEFAULT_MC_SAMPLES = 16
-DEFAULT_IW_SAMPLES = 64
-DEFAULT_CONDITIONAL_SAMPLES = 8
 _COLUMN_STREAM = 0x9E3779B1  # seed offset per feature for the conditional scores' noise
 # records x samples per decoder pass: bounds scoring memory whatever S, K and the batch size. On a CPU a pass's
 # activations (8,192 x 128 float32: 4 MiB) stay in cache: adult's batches of 4,096 records scored 1.5x faster

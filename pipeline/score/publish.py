@@ -65,14 +65,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.core.likelihoods.base import as_array, plain_type
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError
 from pipeline.io import storage
+from pipeline.io.columns import as_array, plain_type
 from schemas.output_table import (
     LEASES,
     MANIFEST,
+    PARQUET_COMPRESSION,
     PUBLISH_JOURNAL,
     QUARANTINE,
+    ROW_GROUP_ROWS,
     SCHEMA_VERSION,
     STAGING,
     STAGING_RUN,
@@ -457,6 +459,15 @@ class Published:
     quarantine_files: list[dict[str, Any]] = field(default_factory=list)
 
 
+def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS) -> None:
+    """One Parquet file in the table's own schema (metadata included), zstd."""
+    loc = storage.locate(uri)
+    parent = loc.path.rsplit("/", 1)[0]
+    loc.fs.create_dir(parent, recursive=True)
+    with loc.fs.open_output_stream(loc.path) as out:
+        pq.write_table(table, out, compression=PARQUET_COMPRESSION, row_group_size=row_group_size)
+
+
 def final_names(files: list[StagedFile], run_id: str, prefix: str) -> list[str]:
     return [f"{prefix}-{i:05d}-{run_id}.parquet" for i in range(len(files))]
 
@@ -465,8 +476,6 @@ def ensure_one_file(staged_dir: str, files: list[StagedFile], schema: pa.Schema)
     """A partition with no rows still holds one (empty) file with the fixed schema."""
     if files:
         return files
-    from pipeline.score.scorer import write_table
-
     uri = storage.join(staged_dir, "empty.parquet")
     write_table(uri, schema.empty_table())
     return [StagedFile(uri, storage.fs_path(uri), 0)]

@@ -4,7 +4,7 @@ Phases: **setup** (refuse overlapping paths and an --output that is not a vaepip
 model once; pre-flight every input file; read the input ids), **lease** (one run per partition:
 :func:`~pipeline.score.publish.partition_lease`; then complete or clean up what killed runs of the
 date left, :func:`~pipeline.score.publish.recover`), **score** (read_parquet ->
-map_batches(:func:`~pipeline.score.scorer.score_block`: Ray tasks, ``--workers`` at a time; on GPUs an
+map_batches(:func:`~pipeline.score.settings.score_block`: Ray tasks, ``--workers`` at a time; on GPUs an
 actor pool of :class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
 ``OUTPUT/_staging/<run_id>/``; skipped for an input with no rows), **check** (reconcile the staged
 rows and ids against the input), **publish** (replace ``OUTPUT/dt=RUN_DATE`` and its quarantine
@@ -21,8 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline.core.artifact import load_model, resolve_model
-from pipeline.core.scoring import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.core.artifact import read_model, resolve_model
+from pipeline.core.defaults import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.errors import FailureHook, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage
 from pipeline.io.inputs import find_unreadable, preflight, read_dataset
@@ -30,9 +30,8 @@ from pipeline.runtime import init_ray
 from pipeline.score import iceberg, publish
 from pipeline.score.progress import ProgressReporter, RowCounter
 from pipeline.score.publish import Published, Reconciliation
-from pipeline.score.scorer import (
+from pipeline.score.settings import (
     DEFAULT_MIN_OBSERVED,
-    BatchScorer,
     ScoreSettings,
     output_schemas,
     score_block,
@@ -121,7 +120,7 @@ def run_scoring(opts: ScoreOptions) -> ScoreResult:
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     resolved = resolve_model(opts.model_dir)  # once: every worker loads this version and checks its id
-    artifact = load_model(resolved.location)
+    artifact = read_model(resolved.location)  # its description, checked against its weights: no torch here
     spec = artifact.spec
     data = preflight(opts.data, spec, allow_empty_files=True)
     ids_in = publish.input_ids(data, spec.id_columns)
@@ -232,6 +231,8 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
         scorer_args = {"settings": settings.to_dict(), "progress": counter}
         batches = {"batch_size": batch_size, "batch_format": "pyarrow"}
         if opts.gpus_per_worker > 0:
+            from pipeline.score.scorer import BatchScorer
+
             # an actor per GPU: Ray ends a GPU task's worker process after the task, so a task pool would
             # load the model onto the device for every block
             ds = ds.map_batches(

@@ -1,4 +1,6 @@
-"""Scoring Arrow tables: the callable class Ray Data maps over the input, and the function it calls.
+"""Scoring Arrow tables in a worker: the callable class Ray Data maps over the input, and the function it
+calls (the settings, the output schemas and the task functions the driver hands over are in the torch-free
+:mod:`pipeline.score.settings`).
 
 * :func:`split_and_score` -- one Arrow table in, two out: the scored rows in the one fixed schema
   of the scores table, and the rows that cannot be scored in the quarantine schema, with a reason,
@@ -8,61 +10,40 @@
   the batch's quarantined rows itself, to the run's staging prefix, under a name that cannot collide
   with any other batch's (the run id and a fresh uuid; never a name derived from the rows' ids,
   which may be null). On GPUs it is the class of Ray Data's actor pool, one actor per GPU.
-* :func:`score_block` -- what Ray Data's tasks call on CPU workers: the :class:`BatchScorer` of the
-  run, built once per worker process (:func:`process_scorer`) and kept there for the run's later
-  blocks. Ray keeps its worker processes between tasks, so a task pool starts no process of its own,
-  and :func:`warm_scorer` lets a process import torch and load the model while the driver plans the
-  read (an actor pool started a fresh process per actor: about 3 s before its first batch on 2 cores).
+* :func:`process_scorer` -- what Ray Data's tasks use on CPU workers
+  (:func:`~pipeline.score.settings.score_block`): the :class:`BatchScorer` of the run, built once per
+  worker process and kept there for the run's later blocks. Ray keeps its worker processes between
+  tasks, so a task pool starts no process of its own, and :func:`~pipeline.score.settings.warm_scorer`
+  lets a process import torch and load the model while the driver plans the read (an actor pool started
+  a fresh process per actor: about 3 s before its first batch on 2 cores).
 
 A row cannot be scored when an id column is null, when the feature codec lists it as invalid
 (inf, a negative value in a positive column, a non-integer count, an unknown ordinal or binary
 level), or when fewer than ``min_observed`` of its features are present (a record with nothing
 observed has no likelihood worth ranking). Other missing feature values are scored (masked);
 unseen categorical labels are scored with the out-of-vocabulary class.
-
-The settings cross to the Ray workers as a plain dict (:meth:`ScoreSettings.to_dict`).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.artifact import ModelArtifact, load_model
-from pipeline.core.likelihoods.base import as_array, plain_type
-from pipeline.core.scoring import (
-    DEFAULT_CONDITIONAL_SAMPLES,
-    DEFAULT_IW_SAMPLES,
-    DEFAULT_MC_SAMPLES,
-    score_batch,
-    tail_probability,
-)
+from pipeline.core.defaults import DEFAULT_CONDITIONAL_SAMPLES, DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
+from pipeline.core.scoring import score_batch, tail_probability
 from pipeline.errors import FailureHook, VaepipeError
 from pipeline.io import storage
-from schemas.output_table import (
-    META_CONDITIONAL_SAMPLES,
-    META_IW_SAMPLES,
-    META_MC_SAMPLES,
-    META_MODEL_ID,
-    META_RUN_ID,
-    META_SCHEMA_VERSION,
-    META_SEED,
-    PARQUET_COMPRESSION,
-    ROW_GROUP_ROWS,
-    SCHEMA_VERSION,
-    quarantine_schema,
-    scores_schema,
-    scores_to_table,
-)
+from pipeline.io.columns import as_array
+from pipeline.score.publish import write_table
+from pipeline.score.settings import DEFAULT_MIN_OBSERVED, ScoreSettings, output_schemas
+from schemas.output_table import scores_to_table
 
 NULL_ID_REASON = "null id"
-DEFAULT_MIN_OBSERVED = 1
 
 
 def too_few_observed_reason(n_observed: int, min_observed: int) -> str:
@@ -71,62 +52,6 @@ def too_few_observed_reason(n_observed: int, min_observed: int) -> str:
 
 class ModelChanged(VaepipeError):
     """A scoring worker loaded another model than the one the run resolved (exit code 1)."""
-
-
-@dataclass
-class ScoreSettings:
-    model_dir: str
-    run_id: str
-    input_schema: bytes  # serialized Arrow schema of the spec's columns (ids and features)
-    quarantine_dir: str | None = None  # staging URI the workers write quarantined rows to
-    mc_samples: int = DEFAULT_MC_SAMPLES  # Monte Carlo samples for recon_log_density
-    iw_samples: int = DEFAULT_IW_SAMPLES  # importance samples for log_marginal (0: null)
-    conditional_samples: int = DEFAULT_CONDITIONAL_SAMPLES  # per-column conditional scores (0: null)
-    seed: int = 0  # noise seed (with each record's key)
-    min_observed: int = DEFAULT_MIN_OBSERVED  # fewer observed features: quarantined
-    expected_model_id: str | None = None  # the model the driver resolved; every worker checks it
-    device: str = "cpu"
-    s3_endpoint: str | None = None
-    failure_hook: dict = field(default_factory=dict)  # FailureHook.to_dict(): the test-only failure hook
-    extra_metadata: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ScoreSettings:
-        return cls(**d)
-
-    def arrow_input_schema(self) -> pa.Schema:
-        return pa.ipc.read_schema(pa.py_buffer(self.input_schema))
-
-
-def serialize_schema(schema: pa.Schema) -> bytes:
-    return schema.serialize().to_pybytes()
-
-
-def output_metadata(settings: ScoreSettings, model_id: str) -> dict[bytes, bytes]:
-    meta = {
-        META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
-        META_MODEL_ID: model_id.encode(),
-        META_RUN_ID: settings.run_id.encode(),
-        META_MC_SAMPLES: str(settings.mc_samples).encode(),
-        META_IW_SAMPLES: str(settings.iw_samples).encode(),
-        META_SEED: str(settings.seed).encode(),
-        META_CONDITIONAL_SAMPLES: str(settings.conditional_samples).encode(),
-    }
-    meta.update({f"vaepipe.{k}".encode(): str(v).encode() for k, v in settings.extra_metadata.items()})
-    return meta
-
-
-def output_schemas(artifact: ModelArtifact, settings: ScoreSettings) -> tuple[pa.Schema, pa.Schema]:
-    """(scores schema with key-value metadata, quarantine schema) for this model and input."""
-    input_schema = settings.arrow_input_schema()
-    types = {name: plain_type(input_schema.field(name).type) for name in artifact.spec.columns}  # decoded
-    meta = output_metadata(settings, artifact.model_id)
-    scores = scores_schema(artifact.spec, types, artifact.model.latent_dim, meta)
-    quarantine = quarantine_schema(artifact.spec, types).with_metadata(meta)
-    return scores, quarantine
 
 
 def _conform(table: pa.Table, columns: list[str], schema: pa.Schema) -> list[pa.Array]:
@@ -223,15 +148,6 @@ def quarantine_file_name(run_id: str) -> str:
     return f"quarantine-{run_id}-{uuid.uuid4().hex}.parquet"
 
 
-def write_table(uri: str, table: pa.Table, row_group_size: int = ROW_GROUP_ROWS) -> None:
-    """One Parquet file in the table's own schema (metadata included), zstd."""
-    loc = storage.locate(uri)
-    parent = loc.path.rsplit("/", 1)[0]
-    loc.fs.create_dir(parent, recursive=True)
-    with loc.fs.open_output_stream(loc.path) as out:
-        pq.write_table(table, out, compression=PARQUET_COMPRESSION, row_group_size=row_group_size)
-
-
 class BatchScorer:
     """Scores batches with the run's model, loaded once (per actor on GPUs, per worker process on CPUs)."""
 
@@ -291,18 +207,3 @@ def process_scorer(settings: dict[str, Any], progress=None) -> BatchScorer:
     scorer = _PROCESS_SCORER[0][1]
     scorer.progress = progress
     return scorer
-
-
-def score_block(batch: pa.Table, settings: dict[str, Any], progress=None) -> pa.Table:
-    """Ray Data's task function on CPU workers: :meth:`BatchScorer.__call__` with this process's scorer."""
-    return process_scorer(settings, progress)(batch)
-
-
-def warm_scorer(settings: dict[str, Any]) -> bool:
-    """Build the run's scorer in this worker process ahead of its first block. False where building
-    fails: the block's own task then raises the error (a warm-up has no one to report it to)."""
-    try:
-        process_scorer(settings)
-    except Exception:  # noqa: BLE001 -- reported by the block that comes next
-        return False
-    return True

@@ -30,9 +30,9 @@ from typing import Any
 
 from pipeline.core.artifact import publish_model
 from pipeline.core.codec import TableCodec, families_from_json, families_to_json, fit_families
+from pipeline.core.defaults import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.model import VAE, VAEConfig, sized_config
 from pipeline.core.reference import baseline_summary, fit_baseline, reference_scores
-from pipeline.core.scoring import DEFAULT_IW_SAMPLES, DEFAULT_MC_SAMPLES
 from pipeline.core.training import TrainConfig, passes_per_epoch, val_samples
 from pipeline.errors import FailureHook, InputDataError, UsageError, VaepipeError, root_message, vaepipe_error_in
 from pipeline.io import storage

@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.io.columns import as_array
+
 LOG_2PI = math.log(2.0 * math.pi)
 # The encoder sees standardised values clipped here: a value 1e6 standard deviations out must not
 # overflow the encoder's activations. The likelihood always sees the exact value.
@@ -140,20 +142,6 @@ class LabelFamily(Family):
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
-def plain_type(t: pa.DataType) -> pa.DataType:
-    """A dictionary-encoded type's value type; any other type itself."""
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
-def as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """One contiguous array, dictionary-encoded values decoded."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    return column
-
-
 def to_float64(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Numeric Arrow column -> float64 numpy, nulls as NaN."""
     arr = as_array(column)
