@@ -167,13 +167,19 @@ def test_end_to_end_adult(name, adult_scored, model_dir):
 
 
 # ---- determinism and re-runs ---------------------------------------------------------------------------
-def test_rerun_with_other_batching_gives_same_values_and_replaces_partition(adult_scored, model_dir, tmp_path):
+def test_rerun_with_other_batching_gives_same_values_and_replaces_partition(
+    adult_scored, model_dir, tmp_path, monkeypatch
+):
     path, first_out, _ = adult_scored["adult_missing20"]
+    # the first run's input was read on the driver (a small input); this one streams through read_parquet
+    from pipeline.score import run as score_run
+
+    monkeypatch.setattr(score_run, "DRIVER_READ_BYTES", 0)
     out = tmp_path / "scores"
     shutil.copytree(first_out, out)
     first = read_partition(out)
     first_files = set(os.listdir(out / f"dt={DATE}"))
-    # one worker instead of two, batches of 700 instead of 4096, files of 10,000 rows
+    # one worker instead of two, batches of 700 instead of 4096, files of 10,000 rows, the input streamed
     assert run_score(path, model_dir, out, "--workers", "1", "--batch-size", "700", "--rows-per-file", "10000") == 0
     second = read_partition(out)
     second_files = set(os.listdir(out / f"dt={DATE}"))

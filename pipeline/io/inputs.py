@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputDataError
+from pipeline.errors import InputDataError, root_message
 from pipeline.io import storage
 from schemas.feature_spec import FeatureSpec
 
@@ -79,6 +79,19 @@ def preflight(uri: str, spec: FeatureSpec, allow_empty_files: bool = False) -> I
                     )
         files.append(InputFile(file_uri, path, meta.num_rows, info.size))
     return InputData(uri, files, schema)
+
+
+def read_files(data: InputData, spec: FeatureSpec):
+    """Yield (file, its table of the spec's columns), read on the caller's side, each file once; a file
+    that cannot be decoded (a page behind a valid footer) raises InputDataError naming it."""
+    fs = data.filesystem()
+    for f in data.files:
+        try:
+            with fs.open_input_file(f.path) as handle:
+                table = pq.read_table(handle, columns=list(spec.columns))
+        except Exception as e:  # noqa: BLE001 -- whatever the decoder says, name the file
+            raise InputDataError(f"cannot read the input data ({root_message(e)})", file=f.uri) from e
+        yield f, table
 
 
 def find_unreadable(data: InputData, spec: FeatureSpec) -> InputDataError | None:

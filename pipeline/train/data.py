@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline.core.codec import merge_stats, partial_stats, record_keys, splitmix64
 from pipeline.errors import InputDataError, root_message, vaepipe_error_in
-from pipeline.io.inputs import InputData, InputFile, read_dataset
+from pipeline.io.inputs import InputData, InputFile, read_dataset, read_files
 from schemas.feature_spec import FeatureSpec
 
 # Salt of the split hash: decorrelates the split from anything else derived from record keys.
@@ -83,15 +83,8 @@ def split_inputs(data: InputData, spec: FeatureSpec, val_fraction: float, worker
 
 def split_tables(data: InputData, spec: FeatureSpec, val_fraction: float) -> tuple[pa.Table, pa.Table]:
     """(train, validation) tables of the spec's columns, read on the driver, each file once."""
-    import pyarrow.parquet as pq
-
-    fs, sides = data.filesystem(), {False: [], True: []}
-    for f in data.files:
-        try:
-            with fs.open_input_file(f.path) as handle:
-                table = pq.read_table(handle, columns=spec.columns)
-        except Exception as e:  # a page that the footer check could not see: name the file
-            raise InputDataError(f"cannot read the input data ({root_message(e)})", file=f.uri) from e
+    sides = {False: [], True: []}
+    for _, table in read_files(data, spec):
         mask = is_validation(table, spec.id_columns, val_fraction)
         sides[True].append(table.filter(pa.array(mask)))
         sides[False].append(table.filter(pa.array(~mask)))
