@@ -1,7 +1,8 @@
 """Scoring benchmarks: the job with 1 and 2 workers against the plain loop and a decoder-only floor;
 10k rows end to end with Ray's start; peak memory at 1x and 10x rows. Arms side by side in one run.
 
-    python benchmarks/score_throughput.py [--rows 50000] [--mc-samples 16] [--iw-samples 64] [--model-dir DIR]
+    python benchmarks/score_throughput.py [--rows 50000] [--repeats 3] [--mc-samples 16] [--iw-samples 64]
+                                          [--model-dir DIR]
 
 Data: adult rows resampled (with replacement) to --rows records with fresh ids, 20% of cells nulled, in
 --shards Parquet files. Model: --model-dir, or one trained here in-process on adult with the job's
@@ -15,9 +16,14 @@ Arms, each on the same files:
   apart (``first job after Ray's start``): the first job in a fresh instance took 4-6 s longer on 20,000
   rows on 2 cores (Ray's first worker processes import torch, the first Ray Data plan), whichever arm it
   was, and so biased the ratio of whichever arm ran first;
-* ``plain loop``: one process, ``pyarrow.parquet`` read -> the same ``split_and_score`` (which calls
-  ``core.scoring.score_batch``) -> ``ParquetWriter``, torch with one thread (like one worker); and the same
-  without the per-column conditional scores (``--conditional-samples 0``: S and K samples only);
+* ``plain loop``: one process, ``pyarrow.parquet`` read, batches of --batch-size across the files as the
+  job cuts them -> the same ``split_and_score`` (which calls
+  ``core.scoring.score_batch``) -> ``ParquetWriter``, torch with one thread (like one worker), with the
+  Ray instance idle beside it; and the same without the per-column conditional scores
+  (``--conditional-samples 0``: S and K samples only), after Ray's shutdown;
+* the job arms and the plain loop run in --repeats interleaved rounds (1 worker, 2 workers, plain; again):
+  a shared machine's speed drifts within minutes by more than the arms differ, so each arm's median is
+  what the ratios compare (every run is printed beside it);
 * ``decoder floor``: the decoder network alone (``model.generative``) on max(S, K) latent samples per
   record, one thread, batches of --batch-size: what no scorer can beat on this model;
 * ``e2e 10k`` / ``e2e 10x``: ``vaepipe score`` as a user runs it (a fresh process starting its own local
@@ -105,16 +111,16 @@ def plain_loop(data: Path, model_dir: str, out: Path, args, conditional: bool = 
     sschema, qschema = output_schemas(art, settings)
     out.mkdir(parents=True)
     rows = 0
+    # batches of --batch-size across the files, as the job cuts them (its driver reads a small input whole)
+    table = pa.concat_tables([pq.read_table(f, columns=art.spec.columns) for f in files]).combine_chunks()
     with pq.ParquetWriter(out / "scores.parquet", sschema, compression=PARQUET_COMPRESSION) as writer:
-        for f in files:
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=args.batch_size, columns=art.spec.columns):
-                scored, quarantined = split_and_score(
-                    art, pa.Table.from_batches([batch]), sschema, qschema, args.mc_samples, args.iw_samples,
-                    conditional_samples=settings.conditional_samples,
-                )  # fmt: skip
-                writer.write_table(scored, row_group_size=ROW_GROUP_ROWS)
-                rows += scored.num_rows + quarantined.num_rows
+        for start in range(0, table.num_rows, args.batch_size):
+            scored, quarantined = split_and_score(
+                art, table.slice(start, args.batch_size), sschema, qschema, args.mc_samples, args.iw_samples,
+                conditional_samples=settings.conditional_samples,
+            )  # fmt: skip
+            writer.write_table(scored, row_group_size=ROW_GROUP_ROWS)
+            rows += scored.num_rows + quarantined.num_rows
     return rows
 
 
@@ -160,6 +166,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--skip-e2e", action="store_true", help="skip the fresh-process 10k / 100k runs")
     p.add_argument("--e2e-rows", type=int, nargs=2, default=[10_000, 100_000], help="rows of the two fresh runs")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of the job arms and the plain loop, interleaved; the table shows each arm's median")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
 
@@ -182,7 +190,6 @@ def main() -> int:
     from pipeline.runtime import init_ray
 
     init_ray(None, num_cpus=max(os.cpu_count() or 1, max(args.workers) + 1))
-    results = []
     common = ["--data", str(data), "--model-dir", model_dir, "--run-date", "2026-01-01"]
     common += ["--batch-size", str(args.batch_size), "--mc-samples", str(args.mc_samples)]
     common += ["--iw-samples", str(args.iw_samples)]
@@ -191,9 +198,10 @@ def main() -> int:
         return f"job, {workers} worker{'s' if workers > 1 else ''}"
 
     most = max(args.workers)  # every worker process the arms use has run a job before them
-    arms = [(f"{job_arm(most)}, first job after Ray's start", most)]
-    arms += [(job_arm(w), w) for w in args.workers]
-    for i, (name, w) in enumerate(arms):
+    runs: dict[str, list[float]] = {}
+    cpu: dict[str, float] = {}
+
+    def run_job(name: str, w: int, i: int) -> bool:
         out = work / f"out-{i}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
@@ -201,28 +209,38 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         if rc != 0:
             print(f"{name} failed (exit {rc})")
-            return rc
-        results.append((name, seconds))
+            return False
+        runs.setdefault(name, []).append(seconds)
         print(f"{name}: {seconds:.1f} s; {load_line()}", flush=True)
-    ray.shutdown()
+        return True
 
-    out = work / "out-plain"
-    shutil.rmtree(out, ignore_errors=True)
-    t0, c0 = time.perf_counter(), time.process_time()
-    n = plain_loop(data, model_dir, out, args)
-    results.append(("plain loop (1 process)", time.perf_counter() - t0))
-    cpu = {"plain loop (1 process)": time.process_time() - c0}
-    assert n == args.rows
+    if not run_job(f"{job_arm(most)}, first job after Ray's start", most, 0):
+        return 1
+    plain_name = "plain loop (1 process)"
+    # the arms interleaved, round after round: a shared machine's speed drifts by more than the arms differ
+    for r in range(args.repeats):
+        for w in args.workers:
+            if not run_job(job_arm(w), w, w):
+                return 1
+        out = work / "out-plain"
+        shutil.rmtree(out, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        assert plain_loop(data, model_dir, out, args) == args.rows
+        runs.setdefault(plain_name, []).append(time.perf_counter() - t0)
+        cpu.setdefault(plain_name, []).append(time.process_time() - c0)
+        print(f"{plain_name}: {runs[plain_name][-1]:.1f} s (round {r + 1}); {load_line()}", flush=True)
+    ray.shutdown()
+    cpu[plain_name] = float(np.median(cpu[plain_name]))
     bare = "plain loop, no conditional scores"
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), time.process_time()
     assert plain_loop(data, model_dir, out, args, conditional=False) == args.rows
-    results.append((bare, time.perf_counter() - t0))
+    runs[bare] = [time.perf_counter() - t0]
     cpu[bare] = time.process_time() - c0
     samples = max(args.mc_samples, args.iw_samples)
     floor_name = f"decoder floor ({samples} samples)"
     c0 = time.process_time()
-    results.append((floor_name, decoder_floor(model_dir, args.rows, samples, args.batch_size)))
+    runs[floor_name] = [decoder_floor(model_dir, args.rows, samples, args.batch_size)]
     cpu[floor_name] = time.process_time() - c0
 
     small = {}
@@ -236,12 +254,15 @@ def main() -> int:
             print(f"e2e {rows:,} rows: {seconds:.1f} s, peak {peak:,.0f} MiB; {load_line()}", flush=True)
     print(f"end: {load_line()}")
 
-    rate = {name: args.rows / seconds for name, seconds in results}
-    plain = rate["plain loop (1 process)"]
-    print(f"\n{'arm':<44}{'seconds':>9}{'rows/s':>10}{'vs plain':>9}")
-    for name, seconds in results:
-        print(f"{name:<44}{seconds:>9.1f}{rate[name]:>10,.0f}{rate[name] / plain:>8.2f}x")
-    print("\ntargets (ratios from the table above):")
+    order = [n for n in runs if n.startswith("job")] + [plain_name, bare, floor_name]
+    median = {name: float(np.median(runs[name])) for name in order}
+    rate = {name: args.rows / seconds for name, seconds in median.items()}
+    plain = rate[plain_name]
+    print(f"\n{'arm':<44}{'seconds':>9}{'rows/s':>10}{'vs plain':>9}   runs (s, in order; seconds: their median)")
+    for name in order:
+        each = " ".join(f"{x:.1f}" for x in runs[name])
+        print(f"{name:<44}{median[name]:>9.1f}{rate[name]:>10,.0f}{rate[name] / plain:>8.2f}x   {each}")
+    print(f"\ntargets (ratios of the medians above; {args.repeats} interleaved rounds of the jobs and the plain loop):")
     if "job, 1 worker" in rate and "job, 2 workers" in rate:
         print(f"  2 workers / 1 worker = {rate['job, 2 workers'] / rate['job, 1 worker']:.2f} (target >= 1.7)")
     if "job, 1 worker" in rate:
