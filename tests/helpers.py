@@ -62,3 +62,26 @@ def reference_noise(keys: np.ndarray, seed: int, first: int, last: int, dim: int
     u2 = (h2 >> np.uint64(11)).astype(np.float64) * scale  # [0, 1)
     eps = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
     return eps.astype(np.float32).reshape(last - first, n, dim)
+
+
+def without_package(package: str) -> str:
+    """Python source that makes ``package`` and its submodules unimportable in the interpreter that runs it
+    (an import raises ImportError), and stops that interpreter if the block does not hold: the head of a
+    subprocess that proves some code never imports the package."""
+    return f"""
+import sys
+
+class _Without:
+    def find_spec(self, name, path=None, target=None):
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ImportError({package + " is not importable here"!r})
+        return None
+
+sys.meta_path.insert(0, _Without())
+try:
+    import {package}  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the import block does not work")
+"""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import without_package
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_RAY_PACKAGES = ["pipeline/core", "pipeline/io", "schemas"]
 
@@ -51,22 +53,8 @@ def test_the_listing_sees_the_packages():
 def test_core_io_and_schemas_import_without_ray():
     modules = [m for rel in NO_RAY_PACKAGES for m in modules_under(rel)]
     assert len(modules) > 10
-    code = f"""
-import importlib, sys
-
-class NoRay:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("ray is not importable in this test")
-        return None
-
-sys.meta_path.insert(0, NoRay())
-try:
-    import ray  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("the ray blocker does not work")
+    code = without_package("ray") + f"""
+import importlib
 for name in {modules!r}:
     importlib.import_module(name)
 assert not any(m == "ray" or m.startswith("ray.") for m in sys.modules), "ray was imported"
@@ -81,16 +69,9 @@ def test_the_drivers_that_build_no_model_import_no_torch():
     """The scoring driver (which reads the model's description; its workers build the model), the drift
     check, query and report start without torch: about 2 s of CPU and 200 MB each (the scoring job's run
     itself is tested without torch in tests/test_score_job.py)."""
-    code = """
-import importlib, sys
+    code = without_package("torch") + """
+import importlib
 
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not importable in this test")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
 for name in ["jobs.score", "jobs.check", "jobs.query", "jobs.report", "pipeline.score.run", "pipeline.score.settings",
              "pipeline.core.artifact", "pipeline.core.defaults", "pipeline.check"]:
     importlib.import_module(name)

@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from helpers import DATA
+from helpers import DATA, without_package
 
 from jobs import score
 from pipeline.core.artifact import load_model, resolve_model
@@ -372,22 +372,7 @@ def test_the_scoring_driver_never_imports_torch(model_dir, ray_local, tmp_path):
     the scores match the ones a driver with torch writes."""
     data = tmp_path / "in.parquet"
     pq.write_table(pq.read_table(ADULT_MISSING).slice(0, 600), data)
-    code = """
-import sys
-
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not importable in this driver")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
-try:
-    import torch  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("the torch blocker does not work")
+    code = without_package("torch") + """
 from jobs import score
 
 sys.exit(score.main(sys.argv[1:]))
