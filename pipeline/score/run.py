@@ -1,9 +1,11 @@
 """The scoring run: what ``vaepipe score`` does beyond its flags.
 
 Phases: **setup** (refuse overlapping paths and an --output that is not a vaepipe table; resolve the
-model once; pre-flight every input file; read the input ids), **lease** (one run per partition:
+model once and read its description, checked against its weights: the driver never imports torch;
+pre-flight every input file; read the input ids), **lease** (one run per partition:
 :func:`~pipeline.score.publish.partition_lease`; then complete or clean up what killed runs of the
-date left, :func:`~pipeline.score.publish.recover`), **score** (read_parquet ->
+date left, :func:`~pipeline.score.publish.recover`), **score** (the input's blocks, read on the driver
+up to ``DRIVER_READ_BYTES`` of Parquet, else by read_parquet ->
 map_batches(:func:`~pipeline.score.settings.score_block`: Ray tasks, ``--workers`` at a time; on GPUs an
 actor pool of :class:`~pipeline.score.scorer.BatchScorer`) -> write_parquet into
 ``OUTPUT/_staging/<run_id>/``; skipped for an input with no rows), **check** (reconcile the staged
