@@ -27,8 +27,9 @@ Arms, each on the same files:
 * ``decoder floor``: the decoder network alone (``model.generative``) on max(S, K) latent samples per
   record, one thread, batches of --batch-size: what no scorer can beat on this model;
 * ``e2e 10k`` / ``e2e 10x``: ``vaepipe score`` as a user runs it (a fresh process starting its own local
-  Ray) on 10,000 rows and on 100,000 rows; wall clock, peak memory (PSS of the job's process tree) and
-  the CPU time of each of its processes (the job's own, Ray's workers by task or actor, Ray's daemons).
+  Ray) on 10,000 rows and on 100,000 rows; wall clock and the CPU time of each of its processes (the job's
+  own, Ray's workers by task or actor, Ray's daemons), then each again for its peak memory (PSS of the
+  job's process tree), sampled in a run of its own because reading PSS takes the kernel about half a core.
 
 The machine may be shared: ratios of arms measured in the same run mean more than absolute figures, and
 the load average is printed with the table.
@@ -141,13 +142,14 @@ def decoder_floor(model_dir: str, rows: int, samples: int, batch_size: int) -> f
     return time.perf_counter() - t0
 
 
-def e2e(data: Path, model_dir: str, out: Path, args) -> tuple[float, float]:
-    """vaepipe score in a fresh process (its own Ray start): (seconds, peak MiB)."""
+def e2e(data: Path, model_dir: str, out: Path, args, memory: bool) -> tuple[float, float | None]:
+    """vaepipe score in a fresh process (its own Ray start): (seconds, peak MiB). ``memory``: its peak PSS
+    sampled, in a run whose time does not count (the sampling takes about half a core: benchmarks/procmem.py)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "jobs.score", "--data", str(data), "--model-dir", model_dir, "--output", str(out)]
     cmd += ["--run-date", "2026-01-01", "--mc-samples", str(args.mc_samples), "--iw-samples", str(args.iw_samples)]
     cmd += ["--workers", str(max(args.workers))]
-    run = run_child(cmd, cwd=str(ROOT))
+    run = run_child(cmd, cwd=str(ROOT), memory=memory)
     print(f"  {cpu_line(run)}", flush=True)
     return run.seconds, run.peak_mib
 
@@ -249,9 +251,11 @@ def main() -> int:
             d = work / f"data-{rows}"
             if not d.exists():
                 make_data(d, rows, args.shards)
-            small[rows] = e2e(d, model_dir, work / f"out-e2e-{rows}", args)
-            seconds, peak = small[rows]
-            print(f"e2e {rows:,} rows: {seconds:.1f} s, peak {peak:,.0f} MiB; {load_line()}", flush=True)
+            seconds, _ = e2e(d, model_dir, work / f"out-e2e-{rows}", args, memory=False)
+            print(f"e2e {rows:,} rows: {seconds:.1f} s; {load_line()}", flush=True)
+            _, peak = e2e(d, model_dir, work / f"out-e2e-{rows}", args, memory=True)
+            print(f"e2e {rows:,} rows, memory sampled: peak {peak:,.0f} MiB; {load_line()}", flush=True)
+            small[rows] = seconds, peak
     print(f"end: {load_line()}")
 
     order = [n for n in runs if n.startswith("job")] + [plain_name, bare, floor_name]
