@@ -570,3 +570,18 @@ def test_fit_starts_linear_then_trains_the_whole_model(wine):
     phases = [h["linear"] for h in history]
     assert phases[0] and not phases[-1] and phases == sorted(phases, reverse=True)  # linear first, then whole
     assert wine["model"].nonlinear
+
+
+def test_model_scored_then_trained():
+    """A model that has scored (under inference_mode) trains on: its layout's index tensors, built on the
+    first use, are ordinary tensors that autograd may save, whichever mode built them."""
+    spec, table = _mixed_table()
+    model, codec = _untrained(spec, table)
+    batch = codec.encode(table)
+    score_batch(model, batch, 2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    out = model.loss(batch)
+    out.loss.backward()
+    opt.step()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -192,7 +192,10 @@ class VAE(nn.Module):
     def layout(self, device: torch.device) -> Layout:
         key = str(device)
         if key not in self._layout:
-            self._layout[key] = Layout.build(self.families, device)
+            # ordinary tensors even when first built under inference_mode (scoring): autograd saves the
+            # index tensors of a training step, and refuses inference tensors
+            with torch.inference_mode(False):
+                self._layout[key] = Layout.build(self.families, device)
         return self._layout[key]
 
     def encoder_views(self, values: torch.Tensor) -> torch.Tensor:
