@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=64)
     args = ap.parse_args()
+    from pipeline.runtime import retain_freed_memory
+
+    retain_freed_memory()  # the allocator as in the job's workers
     torch.set_num_threads(1)
     print(f"model step, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, 1 torch thread; "
           f"{load_line()}")  # fmt: skip

@@ -172,7 +172,9 @@ def main() -> int:
                    help="rounds of the job arms and the plain loop, interleaved; the table shows each arm's median")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
+    from pipeline.runtime import retain_freed_memory
 
+    retain_freed_memory()  # the plain loop and the floor run here: the allocator as in the job's processes
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaepipe-bench-"))
     data = work / f"data-{args.rows}"
     if not data.exists():

@@ -24,6 +24,9 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.runtime import retain_freed_memory
+
+    retain_freed_memory()  # the console script's process is vaepipe's own (the API leaves its caller's alone)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -39,6 +39,7 @@ from pipeline.core.scoring import score_batch, tail_probability
 from pipeline.errors import FailureHook, VaepipeError
 from pipeline.io import storage
 from pipeline.io.columns import as_array
+from pipeline.runtime import retain_freed_memory
 from pipeline.score.publish import write_table
 from pipeline.score.settings import DEFAULT_MIN_OBSERVED, ScoreSettings, output_schemas
 from schemas.output_table import scores_to_table
@@ -157,6 +158,7 @@ class BatchScorer:
         if self.settings.s3_endpoint:
             storage.configure(self.settings.s3_endpoint)
         torch.set_num_threads(1)  # one scoring worker per CPU; Ray gives each one
+        retain_freed_memory()  # a scoring process: its passes reuse the heap instead of faulting pages in
         self.artifact = load_model(self.settings.model_dir, device=self.settings.device)
         expected = self.settings.expected_model_id
         if expected is not None and self.artifact.model_id != expected:

@@ -47,6 +47,7 @@ from pipeline.core.training import (
     train_step_sums,
 )
 from pipeline.errors import FailureHook
+from pipeline.runtime import retain_freed_memory
 from schemas.feature_spec import FeatureSpec
 
 STATE_WEIGHTS = "state.safetensors"
@@ -364,6 +365,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- setup ----
     torch.set_num_threads(max(1, cfg.threads))
+    retain_freed_memory()  # a worker process of the job's own: freed tensors' memory kept for the next
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     spec = FeatureSpec.from_dict(cfg.spec)
     families = families_from_json(cfg.families)
