@@ -54,6 +54,7 @@ MIN_BATCH_ROWS = 256  # a small input's batches are cut down to no fewer rows th
 # and hands Ray Data its blocks: no listing task, footer-reading actors, read tasks or repartition, about 2 s
 # of a job's start on 2 cores (1M rows of adult are about 17 MiB). Larger inputs stream through read_parquet.
 DRIVER_READ_BYTES = 32 << 20
+WARM_UP_WAIT_S = 60.0  # the scoring tasks wait at most this long for the warm-ups (a busy cluster: no longer)
 
 
 class ScoringFailed(VaepipeError):
@@ -234,8 +235,16 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
         else:  # never above the batch size asked for
             batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
         workers = max(1, min(opts.workers, -(-data.rows // per_block)))
-        ds = _input_blocks(data, spec, per_block)
         scorer_args = {"settings": settings.to_dict(), "progress": counter}
+        warming = []
+        if opts.gpus_per_worker == 0:
+            # tasks on the worker processes Ray keeps (an actor pool starts a process per actor), the model
+            # loaded once per process: warm-up tasks load it while Ray Data plans and starts the read. They go
+            # first, into the processes Ray started beside the driver, ahead of the small tasks of the read
+            # (from_arrow's block metadata), which imported Ray Data into them and held them 1.3 s
+            warm = ray.remote(num_cpus=1, max_retries=0)(warm_scorer)
+            warming = [warm.remote(scorer_args["settings"]) for _ in range(workers)]
+        ds = _input_blocks(data, spec, per_block)
         batches = {"batch_size": batch_size, "batch_format": "pyarrow"}
         if opts.gpus_per_worker > 0:
             from pipeline.score.scorer import BatchScorer
@@ -251,11 +260,6 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
                 **batches,
             )
         else:
-            # tasks on the worker processes Ray keeps (an actor pool starts a process per actor), the model
-            # loaded once per process: warm-up tasks load it while Ray Data plans and starts the read
-            warm = ray.remote(num_cpus=1, max_retries=0)(warm_scorer)
-            for _ in range(workers):
-                warm.remote(scorer_args["settings"])
             # Ray Data's per-operator reservation splits the CPUs among the read, cut, map and write
             # operators, which let a task pool run one scoring task at a time on 3 CPUs (2 workers): the
             # pool's size alone bounds the scoring tasks (this dataset's own context)
@@ -263,6 +267,12 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
             ds = ds.map_batches(
                 score_block, fn_kwargs=scorer_args, compute=TaskPoolStrategy(size=workers), num_cpus=1, **batches
             )
+        if warming:
+            # the scoring tasks start once the warm-ups are done, so that they find those processes idle: a
+            # local instance has a logical CPU beyond the workers (for the read and write tasks), where the
+            # first scoring task otherwise started in a process of its own while both warm-ups still ran,
+            # and imported torch and loaded the model a third time on the job's critical start
+            ray.wait(warming, num_returns=len(warming), timeout=WARM_UP_WAIT_S)
         out = storage.locate(staging.scores)
         with ProgressReporter(lambda: ray.get(counter.get.remote(), timeout=10), data.rows):
             ds.write_parquet(
