@@ -592,7 +592,7 @@ torch.manual_seed(0)
 model = VAE(families)
 score_batch(model, batch.select(list(range(4096))), 16, 64)  # the process's working set, once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for part in (1, 2):
+for part in (1, 2, 1, 2):
     score_batch(model, batch.select(list(range(part * 4096 - 4096, part * 4096))), 16, 64)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -600,8 +600,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_scoring_process_reuses_freed_memory():
     """A scoring process that called runtime.retain_freed_memory scores batch after batch without faulting
-    pages in (glibc had handed the passes' freed tensors back to the kernel: 8,000 to 150,000 minor faults
-    for these two batches of 4,096 records; with the thresholds fixed, a handful)."""
+    pages in (glibc had handed the passes' freed tensors back to the kernel: tens of thousands of minor
+    faults for these four batches of 4,096 records; with the thresholds fixed, at most a few hundred, where
+    a pass needs a block larger than any before)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -614,8 +615,8 @@ def test_scoring_process_reuses_freed_memory():
         return int(out.stdout.split()[-1])
 
     retained, default = faults("retain"), faults("default")
-    assert retained < 500, retained
-    assert default > retained  # the count sees the faults the default allocator makes
+    assert retained < 2000, (retained, default)
+    assert default > 4 * retained, (retained, default)  # the count sees the faults the default allocator makes
 
 
 def test_model_scored_then_trained():

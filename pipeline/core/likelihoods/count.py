@@ -76,12 +76,15 @@ NARROW_BIN = 1e-7  # bins narrower than this (in sigmas) get density x width
 V_MAX = 1e6  # |standardised bin edge| cap, as real's U_MAX
 
 
-def log_normal_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(Phi(b) - Phi(a)) for a < b, both finite, float64, accurate in both tails."""
+def log_normal_interval(a: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """log(Phi(b) - Phi(a)) for a < b, both finite, float64, accurate in both tails; then log Phi of each
+    of ``more`` (tensors of a's shape), all from one evaluation of log Phi on the stacked points: a count
+    needs four, and each evaluation is some thirty tensor operations forward and backward, whatever the
+    size of a training step's tensors."""
     upper = a > 0  # reflect the upper tail onto the lower one: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
     lo, hi = torch.where(upper, -b, a), torch.where(upper, -a, b)
-    log_hi = log_ndtr(hi)
-    return log_hi + log1mexp((log_ndtr(lo) - log_hi).clamp(max=-1e-300))
+    log_lo, log_hi, *log_more = log_ndtr(torch.stack(torch.broadcast_tensors(lo, hi, *more))).unbind(0)
+    return log_hi + log1mexp((log_lo - log_hi).clamp(max=-1e-300)), *log_more
 
 
 def negbinom_log_prob(k: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
@@ -199,15 +202,15 @@ class Count(Family):
         zero = value == 0
         narrow = w < NARROW_BIN
         a = torch.where(zero | narrow, b - 1.0, b - w)  # any finite edge below b where unused
-        exact = log_normal_interval(a, b)
         mid = b - 0.5 * w
         approx = -0.5 * (LOG_2PI + mid * mid) + torch.log(w.clamp_min(1e-300))
-        log_bins = torch.where(narrow, approx, exact)
         if not self.zero_floor:
-            return torch.where(zero, log_ndtr(b), log_bins)
+            exact, log_b = log_normal_interval(a, b, b)
+            return torch.where(zero, log_b, torch.where(narrow, approx, exact))
         # the zero's mass capped at the floor; the bins above it share the rest (see the module doc)
         b0 = (((math.log1p(0.5) - self.loc) / self.scale - mean) * inv_sd).clamp(-V_MAX, V_MAX)
-        log_zero = log_ndtr(b0)
+        exact, log_zero, log_above = log_normal_interval(a, b, b0, -b0)
+        log_bins = torch.where(narrow, approx, exact)
         capped = log_zero.clamp(max=math.log(ZERO_FLOOR))
-        rest = log1mexp(capped) - log_ndtr(-b0)
+        rest = log1mexp(capped) - log_above
         return torch.where(zero, capped, log_bins + rest)
