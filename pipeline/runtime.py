@@ -180,7 +180,7 @@ LOCAL_RAY_ENV = {
 # above twice that, each threshold rising with the blocks freed; a scoring pass allocates and frees tensors of
 # several MiB in many sizes (8,192 rows x 70 parameters in float64: 4.6 MiB), so pass after pass faulted
 # fresh pages in: three batches of 4,096 adult records took 360,000 to 650,000 minor faults and 12-19% of
-# their time in the kernel (4.8 -> 5.5-6.2 s); with the thresholds fixed, none.
+# their time in the kernel (5.5-6.2 s); with the thresholds fixed, no faults and 4.8-4.9 s.
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it come from the heap
 MALLOC_TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept up to this much
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -189,8 +189,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (ma
 def retain_freed_memory() -> bool:
     """Keep memory that tensors free in this process's heap for the next ones, instead of returning it to
     the kernel and faulting it in again (glibc; elsewhere a no-op): the process keeps its peak working set.
-    vaepipe's own processes call it (the job drivers, the scoring and training workers); the in-process
-    API leaves the caller's process as it is. Returns whether the allocator took the settings."""
+    vaepipe's own processes call it (the ``vaepipe`` command's, the scoring and training workers); the
+    in-process API, and a job run with ``python -m jobs.NAME``, leave their process as it is. Returns
+    whether the allocator took the settings."""
     import ctypes
 
     try:
