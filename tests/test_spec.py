@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +109,22 @@ def test_cli_exit_codes(tmp_path):
     (tmp_path / "bad.yaml").write_text("dataa: x\n")
     bad = run("infer-spec", "--config", str(tmp_path / "bad.yaml"))
     assert bad.returncode == 2 and "unknown option 'dataa'" in bad.stderr
+
+
+def test_console_script_exits_with_main_code_and_the_heap_frozen():
+    """The console script (``pipeline.cli:run``) exits with main's code, every object frozen first: the
+    interpreter's last collections skip the job's heap."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["vaepipe"] == "pipeline.cli:run"
+    probe = ("import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count())); "
+             "sys.argv = ['vaepipe', *sys.argv[1:]]; from pipeline.cli import run; run()")  # fmt: skip
+    for args, code in ((["--version"], 0), (["no-such-command"], 2)):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert out.returncode == code, out.stderr
+        frozen = int(out.stdout.split("frozen ")[-1])
+        assert frozen > 1000  # the interpreter's and vaepipe's objects, not a handful
 
 
 def test_scores_schema_follows_the_contract():
