@@ -193,7 +193,7 @@ def main() -> int:
 
     from pipeline.runtime import init_ray
 
-    init_ray(None, num_cpus=max(os.cpu_count() or 1, max(args.workers) + 1))
+    init_ray(None, num_cpus=max(os.cpu_count() or 1, max(args.workers)))  # as the job starts one
     common = ["--data", str(data), "--model-dir", model_dir, "--run-date", "2026-01-01"]
     common += ["--batch-size", str(args.batch_size), "--mc-samples", str(args.mc_samples)]
     common += ["--iw-samples", str(args.iw_samples)]
