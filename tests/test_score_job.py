@@ -452,3 +452,24 @@ def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal():
     rep = ProgressReporter(lambda: 0, total=1000, stream=term)
     rep.show(500)
     assert term.getvalue().startswith("\r[" + "#" * 15 + "." * 15 + "] scoring: 500 / 1,000 rows (50%)")
+
+
+def test_block_plan_cuts_equal_blocks_of_whole_batches_in_rounds_of_the_workers():
+    from pipeline.score.run import BLOCKS_PER_WORKER, MAX_BATCHES_PER_BLOCK, MIN_BATCH_ROWS, block_plan
+
+    assert block_plan(80_000, 2, 4096) == (10_002, 3_334, 2)  # 8 blocks, not 6 of 12,288 rows and one of 6,272
+    for asked in (4096, 1000):
+        for workers in (1, 2, 3, 4):
+            for rows in (1, 7, 255, 300, 5_000, 20_000, 80_000, 123_457, 1_000_000, 10_000_001):
+                per_block, batch, used = block_plan(rows, workers, asked)
+                blocks = -(-rows // per_block)
+                sizes = [min(per_block, rows - i * per_block) for i in range(blocks)]
+                assert sum(sizes) == rows and min(sizes) > 0
+                assert per_block % batch == 0 and batch <= max(asked, MIN_BATCH_ROWS)
+                assert per_block // batch <= MAX_BATCHES_PER_BLOCK
+                assert 1 <= used == min(workers, blocks)
+                if rows >= BLOCKS_PER_WORKER * workers * asked:  # enough rows for whole batches of the size asked
+                    assert batch > asked / 2 and blocks >= BLOCKS_PER_WORKER * workers and blocks % workers == 0
+                    assert per_block - sizes[-1] < blocks * (per_block // batch)
+                elif rows >= MIN_BATCH_ROWS:
+                    assert batch >= min(MIN_BATCH_ROWS, asked)

@@ -229,17 +229,7 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
     _check_capacity(opts)
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
     try:
-        # Blocks of whole batches, at least BLOCKS_PER_WORKER per worker and at most MAX_BATCHES_PER_BLOCK
-        # batches each, whatever the files: Ray Data reads many small files in one task (one block), and
-        # fewer blocks than workers leave workers idle. The cut streams (no shuffle); a small input gets
-        # smaller batches (the scores do not depend on batching); never more workers than blocks.
-        batch_size = opts.batch_size
-        per_block = -(-data.rows // (BLOCKS_PER_WORKER * opts.workers))
-        if per_block >= batch_size:
-            per_block = min(-(-per_block // batch_size), MAX_BATCHES_PER_BLOCK) * batch_size
-        else:  # never above the batch size asked for
-            batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
-        workers = max(1, min(opts.workers, -(-data.rows // per_block)))
+        per_block, batch_size, workers = block_plan(data.rows, opts.workers, opts.batch_size)
         scorer_args = {"settings": settings.to_dict(), "progress": counter}
         warming = []
         if opts.gpus_per_worker == 0:
@@ -290,6 +280,32 @@ def _score_into_staging(opts, data, spec, settings, staging, scores_schema) -> N
             )
     finally:
         ray.kill(counter)
+
+
+def block_plan(rows: int, workers: int, batch_size: int) -> tuple[int, int, int]:
+    """How the input is cut: (rows per block, rows per batch, scoring workers) for ``rows`` records.
+
+    Blocks of whole batches, whatever the files (Ray Data reads many small files in one task, one block, and
+    fewer blocks than workers leave workers idle): at least BLOCKS_PER_WORKER per worker, at most
+    MAX_BATCHES_PER_BLOCK batches each, as many blocks as whole rounds of the workers take, all of one size
+    (the last one shorter, by fewer rows than the blocks' count times a block's batches). The batch is at
+    most ``batch_size``, shrunk so that equal batches fill a block: blocks cut at whole ``batch_size``
+    batches left a last block of another size, which one worker scored while the other waited (80,000
+    rows, 2 workers: 7 blocks, 6 of 12,288 rows and one of 6,272; now 8 of 10,002 rows in batches of
+    3,334). A small input gets smaller batches, no fewer than MIN_BATCH_ROWS rows (or ``batch_size``). The
+    scores do not depend on batching. Never more workers than blocks."""
+    blocks = BLOCKS_PER_WORKER * workers
+    most = MAX_BATCHES_PER_BLOCK * batch_size
+    if rows > blocks * most:  # more blocks than the minimum: in whole rounds of the workers
+        blocks = -(-rows // (most * workers)) * workers
+    per_block = -(-rows // blocks)
+    if per_block >= batch_size:
+        batches = -(-per_block // batch_size)
+        batch_size = -(-per_block // batches)
+        per_block = batches * batch_size
+    else:  # never above the batch size asked for
+        batch_size = per_block = max(per_block, min(MIN_BATCH_ROWS, batch_size))
+    return per_block, batch_size, max(1, min(workers, -(-rows // per_block)))
 
 
 def _input_blocks(data, spec, per_block: int):
