@@ -204,6 +204,26 @@ def retain_freed_memory() -> bool:
     )
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message matches a pattern."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        import re
+
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+# Ray Data warns, when a dataset starts while the cluster shows no CPU available, that the job "will hang
+# unless more CPUs are freed up": the scoring job starts its dataset the moment its warm-up tasks end, before
+# the cluster's view has their CPUs back (a local instance has one CPU per scoring worker), and its tasks
+# start a moment later. A cluster with fewer CPUs than workers gets the job's own warning (score.run).
+_NO_CPU_WARNING = _DropMessages(r"does not have any available CPUs")
+
+
 def quiet_ray() -> None:
     """Drop :data:`RAY_NOISE` from the worker lines Ray forwards to this driver, and the driver-side
     notices about optional packages; call before or after ``import ray``."""
@@ -225,6 +245,9 @@ def quiet_ray() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     # "token authentication is enabled/disabled for this cluster": Ray's default for a local instance
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    dataset_log = logging.getLogger("ray.data.dataset")
+    if _NO_CPU_WARNING not in dataset_log.filters:
+        dataset_log.addFilter(_NO_CPU_WARNING)
 
 
 def init_ray(address: str | None = None, prestart_workers: bool = True, **local_kwargs: Any) -> None:

@@ -473,3 +473,27 @@ def test_block_plan_cuts_equal_blocks_of_whole_batches_in_rounds_of_the_workers(
                     assert per_block - sizes[-1] < blocks * (per_block // batch)
                 elif rows >= MIN_BATCH_ROWS:
                     assert batch >= min(MIN_BATCH_ROWS, asked)
+
+
+def test_quiet_ray_drops_ray_datas_no_available_cpu_warning_and_keeps_the_others():
+    """The scoring job starts its dataset as its warm-ups release their CPUs: Ray Data's "will hang" warning
+    is then wrong, and a user can do nothing about it."""
+    import logging
+
+    from pipeline.runtime import quiet_ray
+
+    quiet_ray()
+    quiet_ray()  # the jobs call it on every start: one filter, not one per call
+    log = logging.getLogger("ray.data.dataset")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will "
+                    "hang unless more CPUs are freed up.")  # fmt: skip
+        log.warning("another warning")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["another warning"]
+    assert sum(type(f).__name__ == "_DropMessages" for f in log.filters) == 1
