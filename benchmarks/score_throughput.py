@@ -146,7 +146,9 @@ def e2e(data: Path, model_dir: str, out: Path, args, memory: bool) -> tuple[floa
     """vaepipe score in a fresh process (its own Ray start): (seconds, peak MiB). ``memory``: its peak PSS
     sampled, in a run whose time does not count (the sampling takes about half a core: benchmarks/procmem.py)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "jobs.score", "--data", str(data), "--model-dir", model_dir, "--output", str(out)]
+    # the console script's entry (pipeline.cli), as `vaepipe score` runs
+    cmd = [sys.executable, "-m", "pipeline.cli", "score", "--data", str(data), "--model-dir", model_dir]
+    cmd += ["--output", str(out)]
     cmd += ["--run-date", "2026-01-01", "--mc-samples", str(args.mc_samples), "--iw-samples", str(args.iw_samples)]
     cmd += ["--workers", str(max(args.workers))]
     run = run_child(cmd, cwd=str(ROOT), memory=memory)

@@ -49,14 +49,18 @@ from pipeline.core import artifact  # noqa: E402
 ADULT = ROOT / "tests" / "data" / "adult" / "adult.parquet"
 MEMORY_ARM = "ray train, 1 worker, memory sampled"
 
+# `vaepipe train` as the console script runs it (pipeline.cli: its process keeps freed memory, and freezes
+# the heap before it exits), with the job's phase timings written to a file
 CHILD = """
-import json, sys, time
+import gc, json, sys, time
 from jobs.train import build_parser
-from pipeline.runtime import options_from_args, setup_logging
+from pipeline.runtime import options_from_args, retain_freed_memory, setup_logging
 from pipeline.train.run import TrainOptions, run_training
+retain_freed_memory()
 setup_logging()
 r = run_training(options_from_args(TrainOptions, build_parser().parse_args(sys.argv[2:])))
 open(sys.argv[1], "w").write(json.dumps(r.timings))
+gc.freeze()
 """
 
 
