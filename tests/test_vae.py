@@ -574,15 +574,14 @@ def test_fit_starts_linear_then_trains_the_whole_model(wine):
 
 FAULTS_SCRIPT = """
 import resource, sys
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[1])
 import pyarrow.parquet as pq, torch
 from helpers import DATA, dataset_spec
 from pipeline.core.codec import TableCodec, fit_families, partial_stats
 from pipeline.core.model import VAE
 from pipeline.core.scoring import score_batch
 from pipeline.runtime import retain_freed_memory
-if sys.argv[1] == "retain":
-    assert retain_freed_memory()
+assert retain_freed_memory()
 torch.set_num_threads(1)
 spec = dataset_spec("adult")
 table = pq.read_table(DATA / "adult" / "adult.parquet", columns=spec.columns).slice(0, 8192)
@@ -610,14 +609,11 @@ def test_scoring_process_reuses_freed_memory():
 
     tests = Path(__file__).parent
 
-    def faults(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode, str(tests)], cwd=tests.parent,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return float(np.median([int(x) for x in out.stdout.split()]))
-
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, str(tests)], cwd=tests.parent,
+                         capture_output=True, text=True, check=True)  # fmt: skip
     # no assertion on a run without the setting: glibc's own thresholds move with what was freed, and such
     # a run's median batch made 0 to 130,000 faults
-    assert faults("retain") < 1000
+    assert float(np.median([int(x) for x in out.stdout.split()])) < 1000
 
 
 def test_model_scored_then_trained():
